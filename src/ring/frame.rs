@@ -1,0 +1,528 @@
+//! The frame ring: variable-length byte frames, written in place and read in place.
+//!
+//! Positions count bytes and are always multiples of 8. A frame is an 8-byte header
+//! `[len: u32][kind: u32]` followed by `len` payload bytes, padded to the next multiple of 8,
+//! so every payload starts 8-byte aligned and can be viewed as records in place.
+//!
+//! A frame never straddles the end of the data area: when it would not fit before the end, the
+//! producer writes a *padding frame* (kind [`PADDING`]) that fills the rest of the area and the
+//! frame starts at offset 0. The largest frame is half the capacity, which guarantees that an
+//! empty ring accepts any legal frame wherever its positions stand.
+//!
+//! Writes are reserve-then-commit: [`Producer::try_reserve`] lends the payload bytes inside the
+//! ring, an encoder writes straight into them, and [`Grant::commit`] publishes the frame with
+//! one `tail` store. Reads lend the payload in place ([`Frame::payload`]); dropping the frame
+//! releases it.
+//!
+//! Kind 0 is reserved (zeroed memory is never a frame) and [`PADDING`] is the ring's own;
+//! every other `u32` is free for the layers above.
+
+use std::ptr::NonNull;
+
+use super::{CONTROL_SIZE, RegionRef, RingControl, RingError, RingLayoutError, check_region, control};
+use crate::sync::Ordering;
+
+/// Frame header size (and the alignment of every frame).
+pub const HEADER: usize = 8;
+/// The kind of a padding frame.
+pub const PADDING: u32 = u32::MAX;
+
+/// Bytes needed for a frame ring with `capacity` data bytes (a power of two, at least 16).
+pub const fn region_size(capacity: usize) -> usize {
+    CONTROL_SIZE + capacity
+}
+
+/// Space a frame with a `len`-byte payload takes in the ring.
+#[inline]
+pub const fn frame_size(len: usize) -> usize {
+    HEADER + len.next_multiple_of(8)
+}
+
+/// Initializes `region` as an empty ring and returns both ends (same process).
+pub fn channel(region: RegionRef) -> Result<(Producer, Consumer), RingLayoutError> {
+    check(&region)?;
+    super::init(&region)?;
+    Ok((Producer::attach(region.clone())?, Consumer::attach(region)?))
+}
+
+fn check(region: &RegionRef) -> Result<u64, RingLayoutError> {
+    let units = check_region(region, 8)?;
+    if units < 2 {
+        return Err(RingLayoutError::TooSmall { len: region.len() });
+    }
+    Ok(units * 8)
+}
+
+struct Ring {
+    region: RegionRef,
+    data: NonNull<u8>,
+    /// Data bytes (power of two).
+    capacity: u64,
+}
+
+impl Ring {
+    fn new(region: RegionRef) -> Result<Self, RingLayoutError> {
+        let capacity = check(&region)?;
+        // SAFETY: check proved region.len() >= CONTROL_SIZE + 16, so the offset is in bounds.
+        let data = unsafe { NonNull::new_unchecked(region.as_ptr().add(CONTROL_SIZE)) };
+        Ok(Self {
+            region,
+            data,
+            capacity,
+        })
+    }
+
+    #[inline]
+    fn control(&self) -> &RingControl {
+        control(&self.region)
+    }
+
+    #[inline]
+    fn offset(&self, pos: u64) -> u64 {
+        pos & (self.capacity - 1)
+    }
+
+    /// Largest payload a frame may carry.
+    #[inline]
+    fn max_payload(&self) -> usize {
+        (self.capacity / 2) as usize - HEADER
+    }
+
+    /// Reads the header at data offset `off` (a multiple of 8, `off + 8 <= capacity`).
+    #[inline]
+    fn read_header(&self, off: u64) -> (u32, u32) {
+        self.control().tracker.read(off / 8, 1);
+        // SAFETY: off is 8-aligned and off + 8 <= capacity, so both u32 reads are aligned and in
+        // bounds. Callers only read headers below an acquired tail, which the producer does not
+        // write until the consumer releases them; a hostile producer could still race us, which
+        // can only produce wrong numbers (u32 has no invalid values), and those are validated.
+        unsafe {
+            let p = self.data.as_ptr().add(off as usize).cast::<u32>();
+            (p.read_volatile(), p.add(1).read_volatile())
+        }
+    }
+
+    #[inline]
+    fn write_header(&self, off: u64, len: u32, kind: u32) {
+        self.control().tracker.write(off / 8, 1);
+        // SAFETY: as in read_header, and the producer owns [tail, head + capacity), which
+        // contains this header.
+        unsafe {
+            let p = self.data.as_ptr().add(off as usize).cast::<u32>();
+            p.write(len);
+            p.add(1).write(kind);
+        }
+    }
+}
+
+/// The writing end of a frame ring. One per ring, in one thread at a time.
+pub struct Producer {
+    ring: Ring,
+    tail: u64,
+    cached_head: u64,
+    poison: Option<RingError>,
+}
+
+// SAFETY: the unique writer of its ring; the region is Send + Sync.
+unsafe impl Send for Producer {}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReserveError {
+    /// Not enough free space now; the consumer is behind. Try again later.
+    #[error("ring full: {needed} bytes needed, {free} free")]
+    Full {
+        /// Bytes the frame (and any padding before it) needs.
+        needed: usize,
+        /// Bytes free now.
+        free: usize,
+    },
+    /// The frame can never fit: its payload exceeds half the ring's capacity.
+    #[error("frame of {len} bytes is larger than this ring's maximum of {max}")]
+    TooLarge {
+        /// Payload length asked for.
+        len: usize,
+        /// The ring's maximum payload.
+        max: usize,
+    },
+    /// The kind is 0 or [`PADDING`], which the ring reserves.
+    #[error("frame kind {0} is reserved")]
+    ReservedKind(u32),
+    /// The ring is broken.
+    #[error(transparent)]
+    Broken(#[from] RingError),
+}
+
+impl Producer {
+    /// Attaches the writing end to an initialized ring region, continuing from its tail.
+    pub fn attach(region: RegionRef) -> Result<Self, RingLayoutError> {
+        let ring = Ring::new(region)?;
+        // Acquire: pairs with the Release stores of a previous producer / the consumer.
+        let tail = ring.control().tail.load(Ordering::Acquire);
+        let head = ring.control().head.load(Ordering::Acquire);
+        let mut p = Self {
+            ring,
+            tail,
+            cached_head: head,
+            poison: None,
+        };
+        if head > tail || tail - head > p.ring.capacity || tail % 8 != 0 || head % 8 != 0 {
+            p.poison = Some(RingError::HeadOutOfRange {
+                head,
+                tail,
+                last_head: head,
+            });
+        }
+        Ok(p)
+    }
+
+    /// Data capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.ring.capacity as usize
+    }
+
+    /// The largest payload a frame may carry in this ring.
+    pub fn max_payload(&self) -> usize {
+        self.ring.max_payload()
+    }
+
+    /// The first protocol violation seen, if any.
+    pub fn poisoned(&self) -> Option<RingError> {
+        self.poison
+    }
+
+    /// Bytes in use as the producer last saw it (refreshes the consumer's head).
+    pub fn used(&mut self) -> Result<usize, RingError> {
+        self.free(u64::MAX)?;
+        Ok((self.tail - self.cached_head) as usize)
+    }
+
+    /// Free bytes, refreshing `head` if fewer than `want` are known free.
+    #[inline]
+    fn free(&mut self, want: u64) -> Result<u64, RingError> {
+        if let Some(e) = self.poison {
+            return Err(e);
+        }
+        let free = self.ring.capacity - (self.tail - self.cached_head);
+        if free >= want {
+            return Ok(free);
+        }
+        // Acquire: pairs with the consumer's Release store of `head` in `Consumer::release`,
+        // so its reads of the bytes we are about to reuse happened before our writes.
+        let head = self.ring.control().head.load(Ordering::Acquire);
+        if head < self.cached_head || head > self.tail || head % 8 != 0 {
+            let e = RingError::HeadOutOfRange {
+                head,
+                tail: self.tail,
+                last_head: self.cached_head,
+            };
+            self.poison = Some(e);
+            return Err(e);
+        }
+        self.cached_head = head;
+        Ok(self.ring.capacity - (self.tail - head))
+    }
+
+    /// Reserves a frame with a `len`-byte payload. Nothing is visible to the consumer until
+    /// [`Grant::commit`]; dropping the grant abandons it.
+    #[inline]
+    pub fn try_reserve(&mut self, len: usize) -> Result<Grant<'_>, ReserveError> {
+        let max = self.ring.max_payload();
+        if len > max {
+            return Err(ReserveError::TooLarge { len, max });
+        }
+        let total = frame_size(len) as u64;
+        let off = self.ring.offset(self.tail);
+        let contiguous = self.ring.capacity - off;
+        let needed = if total <= contiguous { total } else { contiguous + total };
+        let free = self.free(needed)?;
+        if free < needed {
+            return Err(ReserveError::Full {
+                needed: needed as usize,
+                free: free as usize,
+            });
+        }
+        let mut start = self.tail;
+        if total > contiguous {
+            // The padding frame is published together with the frame, by the same tail store.
+            self.ring.write_header(off, (contiguous - HEADER as u64) as u32, PADDING);
+            start += contiguous;
+        }
+        Ok(Grant {
+            start,
+            len,
+            producer: self,
+        })
+    }
+
+    /// Copies `payload` into a new frame of `kind`.
+    pub fn try_push(&mut self, kind: u32, payload: &[u8]) -> Result<(), ReserveError> {
+        if kind == 0 || kind == PADDING {
+            return Err(ReserveError::ReservedKind(kind));
+        }
+        let mut grant = self.try_reserve(payload.len())?;
+        grant.bytes_mut().copy_from_slice(payload);
+        grant.commit(kind);
+        Ok(())
+    }
+}
+
+/// A reserved, unpublished frame: its payload bytes inside the ring.
+pub struct Grant<'a> {
+    /// Position of the frame header (after any padding).
+    start: u64,
+    len: usize,
+    producer: &'a mut Producer,
+}
+
+impl Grant<'_> {
+    /// The reserved payload bytes, to be written in place. Their content is whatever the ring
+    /// held before (not zeroed).
+    #[inline]
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        let ring = &self.producer.ring;
+        let off = ring.offset(self.start) + HEADER as u64;
+        ring.control().tracker.write(off / 8, (self.len as u64).div_ceil(8));
+        // SAFETY: try_reserve checked that [start, start + frame_size(len)) is free and does not
+        // straddle the end, so these len bytes are in the data area, owned by the producer until
+        // commit, and not readable by the consumer (not yet below tail). `&mut self` makes the
+        // borrow unique on our side.
+        unsafe { std::slice::from_raw_parts_mut(ring.data.as_ptr().add(off as usize), self.len) }
+    }
+
+    /// Reserved payload length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the reservation has no payload bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Publishes the frame with its full reserved length.
+    #[inline]
+    pub fn commit(self, kind: u32) {
+        let len = self.len;
+        self.commit_len(kind, len);
+    }
+
+    /// Publishes the frame with the first `len` bytes (at most the reserved length) as payload.
+    ///
+    /// # Panics
+    /// If `kind` is 0 or [`PADDING`], or `len` exceeds the reservation (caller bugs, not peer
+    /// input).
+    #[inline]
+    pub fn commit_len(self, kind: u32, len: usize) {
+        assert!(kind != 0 && kind != PADDING, "frame kind {kind} is reserved");
+        assert!(len <= self.len, "commit of {len} bytes exceeds the reservation of {}", self.len);
+        let p = self.producer;
+        p.ring.write_header(p.ring.offset(self.start), len as u32, kind);
+        p.tail = self.start + frame_size(len) as u64;
+        // Release: pairs with the consumer's Acquire load of `tail` in `Consumer::refresh`, so
+        // the header, the payload and any padding frame are visible before the new tail.
+        p.ring.control().tail.store(p.tail, Ordering::Release);
+    }
+}
+
+/// The reading end of a frame ring. One per ring, in one thread at a time.
+pub struct Consumer {
+    ring: Ring,
+    head: u64,
+    cached_tail: u64,
+    poison: Option<RingError>,
+}
+
+// SAFETY: the unique reader of its ring; the region is Send + Sync.
+unsafe impl Send for Consumer {}
+
+impl Consumer {
+    /// Attaches the reading end to an initialized ring region, continuing from its head.
+    pub fn attach(region: RegionRef) -> Result<Self, RingLayoutError> {
+        let ring = Ring::new(region)?;
+        // Acquire: pairs with the Release stores of the producer / a previous consumer.
+        let head = ring.control().head.load(Ordering::Acquire);
+        let mut c = Self {
+            ring,
+            head,
+            cached_tail: head,
+            poison: None,
+        };
+        if head % 8 != 0 {
+            c.poison = Some(RingError::Misaligned { pos: head });
+        }
+        Ok(c)
+    }
+
+    /// Data capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.ring.capacity as usize
+    }
+
+    /// The first protocol violation seen, if any.
+    pub fn poisoned(&self) -> Option<RingError> {
+        self.poison
+    }
+
+    fn fail(&mut self, e: RingError) -> RingError {
+        self.poison = Some(e);
+        e
+    }
+
+    /// Re-reads `tail` and validates it. Returns the bytes readable.
+    #[inline]
+    fn refresh(&mut self) -> Result<u64, RingError> {
+        // Acquire: pairs with the producer's Release store of `tail` in `Grant::commit_len`, so
+        // every frame below the new tail (headers, payloads, padding) is visible.
+        let tail = self.ring.control().tail.load(Ordering::Acquire);
+        if tail < self.cached_tail {
+            return Err(self.fail(RingError::TailMovedBack {
+                last: self.cached_tail,
+                now: tail,
+            }));
+        }
+        if tail % 8 != 0 {
+            return Err(self.fail(RingError::Misaligned { pos: tail }));
+        }
+        if tail - self.head > self.ring.capacity {
+            return Err(self.fail(RingError::TailOutOfRange {
+                head: self.head,
+                tail,
+                capacity: self.ring.capacity,
+            }));
+        }
+        self.cached_tail = tail;
+        Ok(tail - self.head)
+    }
+
+    /// Whether a frame may be readable (refreshes `tail` when the cache says empty).
+    pub fn is_empty(&mut self) -> Result<bool, RingError> {
+        if let Some(e) = self.poison {
+            return Err(e);
+        }
+        if self.cached_tail != self.head {
+            return Ok(false);
+        }
+        Ok(self.refresh()? == 0)
+    }
+
+    /// Bytes published and not yet released (refreshes `tail`).
+    pub fn used(&mut self) -> Result<usize, RingError> {
+        if let Some(e) = self.poison {
+            return Err(e);
+        }
+        Ok(self.refresh()? as usize)
+    }
+
+    /// Lends the next frame in place, or `None` if the ring is empty. The frame is released
+    /// (`head` advances past it) when the returned [`Frame`] is dropped.
+    #[inline]
+    pub fn try_read(&mut self) -> Result<Option<Frame<'_>>, RingError> {
+        if self.is_empty()? {
+            return Ok(None);
+        }
+        // At most two headers: a padding frame, then a real frame at offset 0. A padding frame
+        // at offset 0 would span the whole ring, which no producer writes; it fails validation.
+        for _ in 0..2 {
+            let avail = self.cached_tail - self.head;
+            if avail == 0 {
+                self.release_to(self.head);
+                return Ok(None);
+            }
+            let off = self.ring.offset(self.head);
+            let contiguous = self.ring.capacity - off;
+            let (len, kind) = self.ring.read_header(off);
+            let total = frame_size(len as usize) as u64;
+            if kind == PADDING {
+                if total != contiguous || contiguous > avail || off == 0 {
+                    let pos = self.head;
+                    return Err(self.fail(RingError::BadPadding { pos, len: len.into() }));
+                }
+                self.head += contiguous;
+                continue;
+            }
+            if kind == 0 {
+                let pos = self.head;
+                return Err(self.fail(RingError::BadFrameKind { pos }));
+            }
+            let limit = avail.min(contiguous).min(self.ring.capacity / 2);
+            if total > limit {
+                let pos = self.head;
+                return Err(self.fail(RingError::BadFrameLength {
+                    pos,
+                    len: len.into(),
+                    available: limit.saturating_sub(HEADER as u64),
+                }));
+            }
+            self.ring
+                .control()
+                .tracker
+                .read((off + HEADER as u64) / 8, u64::from(len).div_ceil(8));
+            // SAFETY: off + total <= capacity (checked just above against `contiguous`), so the
+            // payload lies inside the data area. It is below the acquired tail: the producer
+            // wrote it before publishing and does not reuse it until we release `head`.
+            let payload = unsafe {
+                std::slice::from_raw_parts(
+                    self.ring.data.as_ptr().add((off + HEADER as u64) as usize),
+                    len as usize,
+                )
+            };
+            let next = self.head + total;
+            return Ok(Some(Frame {
+                kind,
+                payload,
+                next,
+                consumer: self,
+            }));
+        }
+        let pos = self.head;
+        Err(self.fail(RingError::BadPadding { pos, len: 0 }))
+    }
+
+    #[inline]
+    fn release_to(&mut self, pos: u64) {
+        self.head = pos;
+        // Release: pairs with the producer's Acquire load of `head` in `Producer::free`, so our
+        // reads of the released bytes happen before the producer reuses them.
+        self.ring.control().head.store(pos, Ordering::Release);
+    }
+}
+
+/// A frame lent in place by [`Consumer::try_read`]; released when dropped.
+pub struct Frame<'a> {
+    kind: u32,
+    payload: &'a [u8],
+    next: u64,
+    consumer: &'a mut Consumer,
+}
+
+impl Frame<'_> {
+    /// The frame's kind (never 0 or [`PADDING`]).
+    #[inline]
+    pub fn kind(&self) -> u32 {
+        self.kind
+    }
+
+    /// The payload, in place in the ring, 8-byte aligned.
+    ///
+    /// From an untrusted producer, prefer [`Frame::copy_to`]: a producer that breaks the
+    /// protocol could change these bytes while they are being decoded.
+    #[inline]
+    pub fn payload(&self) -> &[u8] {
+        self.payload
+    }
+
+    /// Copies the payload into `buf` (cleared first; its capacity is reused).
+    #[inline]
+    pub fn copy_to(&self, buf: &mut Vec<u8>) {
+        buf.clear();
+        buf.extend_from_slice(self.payload);
+    }
+}
+
+impl Drop for Frame<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.consumer.release_to(self.next);
+    }
+}

@@ -1,0 +1,628 @@
+//! Named POSIX shared-memory segments holding a [`Header`] and a set of rings.
+//!
+//! The *creator* (the host, in plugbus) makes a segment with [`Segment::create`]: `shm_open`
+//! with `O_CREAT | O_EXCL` and mode 0600, sized with `ftruncate`, mapped with memmap2, header
+//! written, every ring's control block initialized, and the magic number published last. The
+//! *attacher* (the plugin) maps it with [`Segment::open`], which checks the magic, the layout
+//! version, the header size, the real size of the mapping and every ring descriptor before it
+//! hands out a single ring, and refuses with a [`SegmentOpenError`] that says which check failed.
+//!
+//! Names all start with [`PREFIX`]. The creator unlinks the name when its [`Segment`] is dropped
+//! (the memory itself lives until the last mapping goes). [`stale::remove_stale`] removes
+//! segments whose creator died without doing so.
+//!
+//! Why memmap2 over `shm_open` rather than the `shared_memory` crate: plugbus needs `O_EXCL`
+//! creation with an exact mode, its own naming and prefix for stale-segment cleanup, `fstat`
+//! size checks against an untrusted header, and read-only inspection of other processes'
+//! segments; `shared_memory` hides the file descriptor and the open flags, and pulls in nix 0.23
+//! and rand 0.8 for what are four libc calls here.
+//!
+//! Linux only (`/dev/shm` is read to list segments).
+
+pub mod header;
+mod shm;
+pub mod stale;
+
+use std::fs::File;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use memmap2::MmapRaw;
+
+pub use header::{Header, LAYOUT_VERSION, MAGIC, MAX_RINGS, RingDesc, RingKind};
+
+use crate::ring::{CONTROL_SIZE, LINE, RegionRef};
+use crate::sync::Ordering;
+
+/// Every plugbus segment name starts with this.
+pub const PREFIX: &str = "plugbus.";
+/// Longest segment name accepted (well under NAME_MAX).
+pub const MAX_NAME: usize = 200;
+
+/// One ring of a segment to create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingSpec {
+    /// Record or frame ring.
+    pub kind: RingKind,
+    /// Record size in bytes (ignored for frame rings, which use 8).
+    pub unit: u32,
+    /// Capacity in records, or data bytes for a frame ring; a power of two.
+    pub capacity: u64,
+}
+
+impl RingSpec {
+    /// A frame ring with `bytes` data bytes.
+    pub const fn frames(bytes: u64) -> Self {
+        Self {
+            kind: RingKind::Frame,
+            unit: 8,
+            capacity: bytes,
+        }
+    }
+
+    /// A record ring of `capacity` records of type `T`.
+    pub const fn records<T>(capacity: u64) -> Self {
+        Self {
+            kind: RingKind::Record,
+            unit: std::mem::size_of::<T>() as u32,
+            capacity,
+        }
+    }
+
+    fn region_len(&self) -> Option<u64> {
+        self.capacity
+            .checked_mul(u64::from(self.unit))?
+            .checked_add(CONTROL_SIZE as u64)
+    }
+}
+
+/// Why a segment could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentCreateError {
+    /// The name lacks the prefix, is too long, or has characters other than `[A-Za-z0-9._-]`.
+    #[error("invalid segment name {0:?}: it must start with \"plugbus.\", be at most 200 characters, and use only A-Z a-z 0-9 . _ -")]
+    InvalidName(String),
+    /// A segment of that name already exists (`O_EXCL`).
+    #[error("segment {0:?} already exists; pick another name or remove it (plugbus cleanup removes stale ones)")]
+    AlreadyExists(String),
+    /// A ring spec is unusable.
+    #[error("ring {index}: {reason}")]
+    BadRing {
+        /// Position in the spec list.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An operating-system call failed.
+    #[error("{op} failed for segment {name:?}: {source}")]
+    Os {
+        /// The call.
+        op: &'static str,
+        /// The segment.
+        name: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Why a segment could not be opened. Each variant names the check that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentOpenError {
+    /// No segment by that name.
+    #[error("no segment named {0:?} (is the host running? is PLUGBUS_SEGMENT right?)")]
+    NotFound(String),
+    /// The name is not a valid plugbus segment name.
+    #[error("invalid segment name {0:?}")]
+    InvalidName(String),
+    /// The magic number is wrong: not a plugbus segment, or its creator has not finished.
+    #[error("segment {name:?} is not a plugbus segment (magic {found:#018x}), or is still being created")]
+    NotPlugbus {
+        /// The segment.
+        name: String,
+        /// The magic read.
+        found: u64,
+    },
+    /// Made by an incompatible plugbus.
+    #[error("segment {name:?} has layout version {found}; this plugbus supports version {expected}")]
+    WrongVersion {
+        /// The segment.
+        name: String,
+        /// Version read.
+        found: u32,
+        /// Version supported.
+        expected: u32,
+    },
+    /// Shorter than its header says (or than a header).
+    #[error("segment {name:?} is truncated: {actual} bytes mapped, {expected} expected")]
+    Truncated {
+        /// The segment.
+        name: String,
+        /// Bytes the header (or the minimum) requires.
+        expected: u64,
+        /// Real size.
+        actual: u64,
+    },
+    /// A header field is inconsistent.
+    #[error("segment {name:?} has a corrupt header: {reason}")]
+    Corrupt {
+        /// The segment.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Another live process is attached.
+    #[error("segment {name:?} is already attached by live process {pid}")]
+    AlreadyAttached {
+        /// The segment.
+        name: String,
+        /// The attacher.
+        pid: u32,
+    },
+    /// An operating-system call failed.
+    #[error("{op} failed for segment {name:?}: {source}")]
+    Os {
+        /// The call.
+        op: &'static str,
+        /// The segment.
+        name: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Which side of the segment this process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Made the segment (the host).
+    Creator,
+    /// Opened it (the plugin).
+    Attacher,
+}
+
+/// The mapping, shared by every [`RegionRef`] handed out.
+struct Mapping(MmapRaw);
+
+/// A mapped plugbus segment.
+pub struct Segment {
+    name: String,
+    map: Arc<Mapping>,
+    side: Side,
+    rings: Vec<RingDesc>,
+    unlink_on_drop: bool,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("name", &self.name)
+            .field("side", &self.side)
+            .field("len", &self.map.0.len())
+            .field("rings", &self.rings)
+            .finish()
+    }
+}
+
+/// Checks a full segment name.
+pub fn valid_name(name: &str) -> bool {
+    name.starts_with(PREFIX)
+        && name.len() > PREFIX.len()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A fresh name `plugbus.<pid>.<tag>.<n>` unique within this process (tag sanitized).
+pub fn unique_name(tag: &str) -> String {
+    static NEXT: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+    let n = {
+        let mut next = NEXT.lock().unwrap_or_else(|p| p.into_inner());
+        *next += 1;
+        *next
+    };
+    let tag: String = tag
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .take(64)
+        .collect();
+    format!("{PREFIX}{}.{tag}.{n}", std::process::id())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock heartbeats use (the same in every process).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Segment {
+    /// Creates segment `name` with the given rings. The returned segment unlinks the name on
+    /// drop.
+    pub fn create(name: &str, tag: &str, rings: &[RingSpec]) -> Result<Self, SegmentCreateError> {
+        if !valid_name(name) {
+            return Err(SegmentCreateError::InvalidName(name.to_owned()));
+        }
+        if rings.len() > MAX_RINGS {
+            return Err(SegmentCreateError::BadRing {
+                index: MAX_RINGS,
+                reason: format!("at most {MAX_RINGS} rings per segment"),
+            });
+        }
+        let mut descs = Vec::with_capacity(rings.len());
+        let mut offset = header::HEADER_RESERVED as u64;
+        for (index, spec) in rings.iter().enumerate() {
+            let bad = |reason: &str| SegmentCreateError::BadRing {
+                index,
+                reason: reason.to_owned(),
+            };
+            let unit = match spec.kind {
+                RingKind::Frame => 8,
+                RingKind::Record => spec.unit,
+            };
+            if unit == 0 || unit as usize > 1 << 20 {
+                return Err(bad("record size must be between 1 byte and 1 MiB"));
+            }
+            if !spec.capacity.is_power_of_two() || (spec.kind == RingKind::Frame && spec.capacity < 64) {
+                return Err(bad("capacity must be a power of two (at least 64 bytes for frames)"));
+            }
+            let spec = RingSpec { unit, ..*spec };
+            let len = spec
+                .region_len()
+                .filter(|&l| l <= 1 << 40)
+                .ok_or_else(|| bad("ring too large"))?;
+            descs.push(RingDesc {
+                offset,
+                capacity: spec.capacity,
+                unit,
+                kind: spec.kind as u32,
+            });
+            offset = (offset + len).next_multiple_of(4096);
+        }
+        let size = offset;
+        let os = |op: &'static str| {
+            move |source: std::io::Error| SegmentCreateError::Os {
+                op,
+                name: name.to_owned(),
+                source,
+            }
+        };
+        let file = shm::create(name).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                SegmentCreateError::AlreadyExists(name.to_owned())
+            } else {
+                os("shm_open")(e)
+            }
+        })?;
+        // From here on, a failure must not leave the name behind.
+        let cleanup = |e| {
+            let _ = shm::unlink(name);
+            e
+        };
+        file.set_len(size).map_err(os("ftruncate")).map_err(cleanup)?;
+        let map = MmapRaw::map_raw(&file).map_err(os("mmap")).map_err(cleanup)?;
+        let seg = Self {
+            name: name.to_owned(),
+            map: Arc::new(Mapping(map)),
+            side: Side::Creator,
+            rings: descs.clone(),
+            unlink_on_drop: true,
+        };
+        let mut tag_bytes = [0u8; header::TAG_LEN];
+        let t = tag.as_bytes();
+        let n = t.len().min(header::TAG_LEN);
+        tag_bytes[..n].copy_from_slice(&t[..n]);
+        let mut ring_array = [RingDesc::default(); MAX_RINGS];
+        ring_array[..descs.len()].copy_from_slice(&descs);
+        let pid = std::process::id();
+        let fixed = header::Fixed {
+            magic: crate::sync::AtomicU64::new(0),
+            version: LAYOUT_VERSION,
+            header_size: std::mem::size_of::<Header>() as u32,
+            segment_size: size,
+            creator_pid: pid,
+            ring_count: descs.len() as u32,
+            creator_start: stale::process_start_ticks(pid).unwrap_or(0),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            tag: tag_bytes,
+            rings: ring_array,
+        };
+        let hdr = Header {
+            fixed: crate::ring::Line(fixed),
+            shared: Default::default(),
+            creator_heartbeat: Default::default(),
+            attacher_heartbeat: Default::default(),
+            to_attacher: Default::default(),
+            to_creator: Default::default(),
+            creator_counters: Default::default(),
+            attacher_counters: Default::default(),
+        };
+        // SAFETY: the mapping is page-aligned (so aligned for Header) and at least
+        // HEADER_RESERVED >= size_of::<Header>() bytes; the name was created exclusively just now,
+        // and the magic is still 0, so no opener uses the header yet.
+        unsafe { seg.map.0.as_mut_ptr().cast::<Header>().write(hdr) };
+        for i in 0..descs.len() {
+            let region = seg.ring_region(i).expect("ring descriptor just computed");
+            crate::ring::init(&region).expect("segment rings are page-aligned and sized");
+        }
+        seg.header().creator_heartbeat.store(monotonic_ns(), Ordering::Relaxed);
+        seg.header().shared.state.store(header::STATE_READY, Ordering::Relaxed);
+        // Release: pairs with the Acquire load of `magic` in `open`/`peek`: an opener that sees
+        // the magic sees the whole header and initialized rings.
+        seg.header().fixed.magic.store(MAGIC, Ordering::Release);
+        Ok(seg)
+    }
+
+    /// Opens segment `name` as the attacher, checking everything in its header, and records
+    /// this process as the attacher. Refused if another live process is attached.
+    pub fn open(name: &str) -> Result<Self, SegmentOpenError> {
+        let seg = Self::open_unattached(name)?;
+        let me = std::process::id();
+        let shared = &seg.header().shared;
+        let mut current = shared.attacher_pid.load(Ordering::Acquire);
+        loop {
+            if current != 0 && current != me && stale::pid_alive(current, 0) {
+                return Err(SegmentOpenError::AlreadyAttached {
+                    name: name.to_owned(),
+                    pid: current,
+                });
+            }
+            // AcqRel: pairs with another attacher's CAS, so exactly one wins.
+            match shared
+                .attacher_pid
+                .compare_exchange(current, me, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                Err(now) => current = now,
+            }
+        }
+        seg.header().attacher_heartbeat.store(monotonic_ns(), Ordering::Relaxed);
+        shared.state.store(header::STATE_ATTACHED, Ordering::Release);
+        Ok(seg)
+    }
+
+    /// Opens and validates segment `name` without claiming the attacher slot (for inspection).
+    pub fn open_unattached(name: &str) -> Result<Self, SegmentOpenError> {
+        if !valid_name(name) {
+            return Err(SegmentOpenError::InvalidName(name.to_owned()));
+        }
+        let os = |op: &'static str| {
+            move |source: std::io::Error| SegmentOpenError::Os {
+                op,
+                name: name.to_owned(),
+                source,
+            }
+        };
+        let file: File = shm::open(name, true).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                SegmentOpenError::NotFound(name.to_owned())
+            } else {
+                os("shm_open")(e)
+            }
+        })?;
+        let actual = file.metadata().map_err(os("fstat"))?.len();
+        let min = std::mem::size_of::<Header>() as u64;
+        if actual < min {
+            return Err(SegmentOpenError::Truncated {
+                name: name.to_owned(),
+                expected: min,
+                actual,
+            });
+        }
+        let map = MmapRaw::map_raw(&file).map_err(os("mmap"))?;
+        let mut seg = Self {
+            name: name.to_owned(),
+            map: Arc::new(Mapping(map)),
+            side: Side::Attacher,
+            rings: Vec::new(),
+            unlink_on_drop: false,
+        };
+        seg.rings = validate(seg.header(), name, actual)?;
+        Ok(seg)
+    }
+
+    /// The segment's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Which side this process is.
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// Size of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.map.0.len()
+    }
+
+    /// Never true (a segment holds at least its header); for API symmetry.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The header. Only its atomics change after creation; the fixed part was validated.
+    pub fn header(&self) -> &Header {
+        // SAFETY: the mapping is page-aligned and at least size_of::<Header>() bytes (create
+        // wrote it; open checked the size). Header holds only integers and atomics, valid for any
+        // bit pattern; the fields another process changes are atomics.
+        unsafe { &*self.map.0.as_ptr().cast::<Header>() }
+    }
+
+    /// The validated ring descriptors.
+    pub fn rings(&self) -> &[RingDesc] {
+        &self.rings
+    }
+
+    /// The region of ring `index` (control block and data), or `None` if there is no such ring.
+    pub fn ring_region(&self, index: usize) -> Option<RegionRef> {
+        let d = self.rings.get(index)?;
+        let len = d.capacity * u64::from(d.unit) + CONTROL_SIZE as u64;
+        let base = NonNull::new(self.map.0.as_mut_ptr())?;
+        let owner: Arc<dyn Send + Sync> = self.map.clone();
+        // SAFETY: the mapping lives as long as `owner` (an Arc of it); its bytes are accessed only
+        // through the ring protocol and header atomics.
+        let whole = unsafe { RegionRef::from_raw_parts(base, self.map.0.len(), owner) };
+        whole.slice(d.offset as usize, len as usize)
+    }
+
+    /// Publishes this side's heartbeat (now).
+    pub fn beat(&self) {
+        let hb = match self.side {
+            Side::Creator => &self.header().creator_heartbeat,
+            Side::Attacher => &self.header().attacher_heartbeat,
+        };
+        hb.store(monotonic_ns(), Ordering::Relaxed);
+    }
+
+    /// Nanoseconds since the other side's last heartbeat.
+    pub fn peer_heartbeat_age_ns(&self) -> u64 {
+        let hb = match self.side {
+            Side::Creator => &self.header().attacher_heartbeat,
+            Side::Attacher => &self.header().creator_heartbeat,
+        };
+        monotonic_ns().saturating_sub(hb.load(Ordering::Relaxed))
+    }
+
+    /// Whether the other side's process is alive (pid check; the creator's start time guards
+    /// against pid reuse). `false` if no attacher is recorded.
+    pub fn peer_alive(&self) -> bool {
+        let f = &self.header().fixed;
+        match self.side {
+            Side::Attacher => stale::pid_alive(f.creator_pid, f.creator_start),
+            Side::Creator => {
+                let pid = self.header().shared.attacher_pid.load(Ordering::Acquire);
+                pid != 0 && stale::pid_alive(pid, 0)
+            }
+        }
+    }
+
+    /// Keeps the name after drop (e.g. an attacher that was handed creator duties). Mostly for
+    /// tests of stale cleanup.
+    pub fn leak_name(&mut self) {
+        self.unlink_on_drop = false;
+    }
+
+    /// Removes a segment name. The memory lives until every mapping is gone.
+    pub fn unlink(name: &str) -> std::io::Result<()> {
+        shm::unlink(name)
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        if self.side == Side::Attacher {
+            let shared = &self.header().shared;
+            let me = std::process::id();
+            if shared
+                .attacher_pid
+                .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                let _ = shared.state.compare_exchange(
+                    header::STATE_ATTACHED,
+                    header::STATE_DETACHED,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+            }
+        }
+        if self.unlink_on_drop {
+            let _ = shm::unlink(&self.name);
+        }
+    }
+}
+
+/// Checks every field of an untrusted header against the real size; returns the rings.
+fn validate(h: &Header, name: &str, actual: u64) -> Result<Vec<RingDesc>, SegmentOpenError> {
+    let corrupt = |reason: String| SegmentOpenError::Corrupt {
+        name: name.to_owned(),
+        reason,
+    };
+    // Acquire: pairs with the Release store of `magic` at the end of `create`.
+    let magic = h.fixed.magic.load(Ordering::Acquire);
+    if magic != MAGIC {
+        return Err(SegmentOpenError::NotPlugbus {
+            name: name.to_owned(),
+            found: magic,
+        });
+    }
+    // SAFETY (for the reads below): plain integer fields of the mapped header; the creator wrote
+    // them before the Release store of magic we just acquired, and never writes them again.
+    // A hostile creator could, which only yields other integers, and they are all checked.
+    let f = &h.fixed;
+    if f.version != LAYOUT_VERSION {
+        return Err(SegmentOpenError::WrongVersion {
+            name: name.to_owned(),
+            found: f.version,
+            expected: LAYOUT_VERSION,
+        });
+    }
+    if f.header_size as usize != std::mem::size_of::<Header>() {
+        return Err(corrupt(format!(
+            "header size {} (expected {})",
+            f.header_size,
+            std::mem::size_of::<Header>()
+        )));
+    }
+    if f.segment_size > actual {
+        return Err(SegmentOpenError::Truncated {
+            name: name.to_owned(),
+            expected: f.segment_size,
+            actual,
+        });
+    }
+    if f.segment_size != actual {
+        return Err(corrupt(format!(
+            "segment size {} but the mapping has {actual} bytes",
+            f.segment_size
+        )));
+    }
+    let count = f.ring_count as usize;
+    if count > MAX_RINGS {
+        return Err(corrupt(format!("{count} rings (at most {MAX_RINGS})")));
+    }
+    let mut rings: Vec<RingDesc> = f.rings[..count].to_vec();
+    for (i, d) in rings.iter().enumerate() {
+        let Some(kind) = RingKind::from_u32(d.kind) else {
+            return Err(corrupt(format!("ring {i} has unknown kind {}", d.kind)));
+        };
+        if d.unit == 0 || (kind == RingKind::Frame && d.unit != 8) {
+            return Err(corrupt(format!("ring {i} has unit {}", d.unit)));
+        }
+        if !d.capacity.is_power_of_two() {
+            return Err(corrupt(format!("ring {i} capacity {} is not a power of two", d.capacity)));
+        }
+        if d.offset % LINE as u64 != 0 || d.offset < std::mem::size_of::<Header>() as u64 {
+            return Err(corrupt(format!("ring {i} offset {} is misplaced", d.offset)));
+        }
+        let end = d
+            .capacity
+            .checked_mul(u64::from(d.unit))
+            .and_then(|b| b.checked_add(CONTROL_SIZE as u64))
+            .and_then(|b| b.checked_add(d.offset));
+        match end {
+            Some(end) if end <= actual => {}
+            Some(end) => {
+                return Err(SegmentOpenError::Truncated {
+                    name: name.to_owned(),
+                    expected: end,
+                    actual,
+                });
+            }
+            None => return Err(corrupt(format!("ring {i} size overflows"))),
+        }
+    }
+    let mut sorted = rings.clone();
+    sorted.sort_by_key(|d| d.offset);
+    for w in sorted.windows(2) {
+        let end = w[0].offset + w[0].capacity * u64::from(w[0].unit) + CONTROL_SIZE as u64;
+        if end > w[1].offset {
+            return Err(corrupt(format!("rings at {} and {} overlap", w[0].offset, w[1].offset)));
+        }
+    }
+    rings.shrink_to_fit();
+    Ok(rings)
+}

@@ -10,6 +10,9 @@
 #[cfg(not(target_os = "linux"))]
 compile_error!("plugbus uses Linux futexes and /dev/shm; it builds on Linux only");
 
+pub mod codec;
+pub mod fastpath;
+pub mod proto;
 pub mod ring;
 pub mod segment;
 pub mod sync;

@@ -1,0 +1,369 @@
+//! Envelopes on the rings: prost messages encoded straight into reserved frames, pools so that
+//! steady state allocates nothing, per-tick batches, and decoding into reused messages.
+//!
+//! Frame kinds on the control and replies rings:
+//! - [`KIND_HOST_TO_PLUGIN`]: one `df.plugin.HostToPlugin` message (a single event, a batch of
+//!   events as `HostToPlugin.events`, a hello, a shutdown, an action result);
+//! - [`KIND_PLUGIN_TO_HOST`]: one `df.plugin.PluginToHost` message;
+//! - [`crate::fastpath::KIND_MOVES`] (moves ring): a packed move frame.
+//!
+//! Every frame payload is a complete df.plugin message, so any df.plugin decoder reads it.
+//!
+//! ```
+//! use plugbus::codec::{self, EnvelopePool, HostDecoder, HostMessage};
+//! use plugbus::proto::{self, event_envelope::Payload, EventType};
+//! use plugbus::ring::{frame, RegionRef};
+//!
+//! let (mut tx, mut rx) = frame::channel(RegionRef::heap(frame::region_size(4096))).unwrap();
+//! let mut pool = EnvelopePool::default();
+//! let mut env = pool.take(EventType::Chat);
+//! if let Some(Payload::Chat(chat)) = &mut env.payload {
+//!     chat.message.push_str("hello");
+//! }
+//! codec::encode_event_in_ring(&mut tx, &env).unwrap();
+//! pool.give(env);
+//!
+//! let mut decoder = HostDecoder::default();
+//! let f = rx.try_read().unwrap().unwrap();
+//! decoder.decode(f.payload(), |m| match m {
+//!     HostMessage::Event(e) => assert!(matches!(&e.payload, Some(Payload::Chat(c)) if c.message == "hello")),
+//!     HostMessage::Other(_) => unreachable!(),
+//! }).unwrap();
+//! ```
+
+mod batch;
+mod pool;
+
+pub use batch::{BatchBuilder, BatchLimits, encode_body};
+pub use pool::{BufferPool, EnvelopePool, PoolStats};
+
+use prost::Message;
+use prost::bytes::Buf;
+use prost::encoding::{DecodeContext, WireType, decode_key, encode_key, encode_varint, encoded_len_varint, key_len};
+
+use crate::proto::{self, EventEnvelope, HostToPlugin, PluginToHost};
+use crate::ring::frame::{self, ReserveError};
+
+/// Frame kind: a `df.plugin.HostToPlugin` message.
+pub const KIND_HOST_TO_PLUGIN: u32 = 1;
+/// Frame kind: a `df.plugin.PluginToHost` message.
+pub const KIND_PLUGIN_TO_HOST: u32 = 2;
+
+/// `HostToPlugin.event` field number.
+pub const HOST_TO_PLUGIN_EVENT: u32 = 20;
+/// `HostToPlugin.events` (EventBatch) field number.
+pub const HOST_TO_PLUGIN_EVENTS: u32 = 22;
+/// `EventBatch.events` field number.
+pub const EVENT_BATCH_EVENTS: u32 = 1;
+
+/// Why a message could not be written to a ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The ring refused the frame (full, too large, or broken).
+    #[error(transparent)]
+    Ring(#[from] ReserveError),
+}
+
+/// Why a frame's bytes could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The protobuf bytes are malformed.
+    #[error("malformed protobuf: {0}")]
+    Protobuf(#[from] prost::DecodeError),
+    /// A length inside the frame runs past its end, or a required field is missing.
+    #[error("malformed frame: {0}")]
+    Framing(&'static str),
+}
+
+/// Encodes `msg` as one frame of `kind`: encoded length, reserve, encode in place, commit. No
+/// intermediate buffer.
+#[inline]
+pub fn encode_in_ring<M: Message>(producer: &mut frame::Producer, kind: u32, msg: &M) -> Result<usize, EncodeError> {
+    let len = msg.encoded_len();
+    let mut grant = producer.try_reserve(len)?;
+    let mut out: &mut [u8] = grant.bytes_mut();
+    msg.encode_raw(&mut out);
+    debug_assert!(out.is_empty(), "encoded_len and encode_raw disagree");
+    grant.commit(kind);
+    Ok(len)
+}
+
+/// Length of `msg` encoded as field `tag` of an enclosing message (key, length, body).
+#[inline]
+pub fn field_len<M: Message>(tag: u32, msg: &M) -> usize {
+    let body = msg.encoded_len();
+    key_len(tag) + encoded_len_varint(body as u64) + body
+}
+
+/// Encodes `msg` as field `tag` of an enclosing message into one frame of `kind`: the frame is
+/// then a valid enclosing message holding only that field (e.g. `HostToPlugin { event }`),
+/// without building the enclosing message.
+#[inline]
+pub fn encode_field_in_ring<M: Message>(
+    producer: &mut frame::Producer,
+    kind: u32,
+    tag: u32,
+    msg: &M,
+) -> Result<usize, EncodeError> {
+    let body = msg.encoded_len();
+    let len = key_len(tag) + encoded_len_varint(body as u64) + body;
+    let mut grant = producer.try_reserve(len)?;
+    let mut out: &mut [u8] = grant.bytes_mut();
+    encode_key(tag, WireType::LengthDelimited, &mut out);
+    encode_varint(body as u64, &mut out);
+    msg.encode_raw(&mut out);
+    debug_assert!(out.is_empty(), "encoded_len and encode_raw disagree");
+    grant.commit(kind);
+    Ok(len)
+}
+
+/// Writes one event as a `HostToPlugin { event }` frame, encoded in place.
+#[inline]
+pub fn encode_event_in_ring(producer: &mut frame::Producer, env: &EventEnvelope) -> Result<usize, EncodeError> {
+    encode_field_in_ring(producer, KIND_HOST_TO_PLUGIN, HOST_TO_PLUGIN_EVENT, env)
+}
+
+/// Writes `body` (an already encoded message) as field `tag` of an enclosing message, into one
+/// frame of `kind`: used to send one encoding to several plugins.
+#[inline]
+pub fn write_field_frame(producer: &mut frame::Producer, kind: u32, tag: u32, body: &[u8]) -> Result<(), ReserveError> {
+    let len = key_len(tag) + encoded_len_varint(body.len() as u64) + body.len();
+    let mut grant = producer.try_reserve(len)?;
+    let mut out: &mut [u8] = grant.bytes_mut();
+    encode_key(tag, WireType::LengthDelimited, &mut out);
+    encode_varint(body.len() as u64, &mut out);
+    out.copy_from_slice(body);
+    grant.commit(kind);
+    Ok(())
+}
+
+/// A message that can be decoded into again without giving back its allocations: the oneof
+/// keeps its variant (and that variant's strings keep their capacity).
+pub trait Reusable: Message {
+    /// Resets every field to its default, keeping the oneof variant (with cleared contents).
+    fn reset_keep(&mut self);
+    /// The field number of the oneof variant present, if any.
+    fn oneof_number(&self) -> Option<i32>;
+    /// Removes the oneof variant.
+    fn clear_oneof(&mut self);
+    /// Lowest field number of the oneof (every field at or above it belongs to the oneof).
+    const ONEOF_MIN: u32 = 10;
+}
+
+macro_rules! reusable {
+    ($ty:ty, $field:ident, |$this:ident| { $($reset:tt)* }) => {
+        impl Reusable for $ty {
+            #[inline]
+            fn reset_keep(&mut self) {
+                let $this = self;
+                $($reset)*
+                if let Some(v) = &mut $this.$field {
+                    v.reset_keep();
+                }
+            }
+            #[inline]
+            fn oneof_number(&self) -> Option<i32> {
+                self.$field.as_ref().map(|v| v.field_number())
+            }
+            #[inline]
+            fn clear_oneof(&mut self) {
+                self.$field = None;
+            }
+        }
+    };
+}
+
+reusable!(EventEnvelope, payload, |this| {
+    this.event_id.clear();
+    this.r#type = 0;
+    this.expects_response = false;
+    this.immediate = false;
+});
+reusable!(HostToPlugin, payload, |this| {
+    this.plugin_id.clear();
+});
+reusable!(PluginToHost, payload, |this| {
+    this.plugin_id.clear();
+});
+reusable!(proto::EventResult, update, |this| {
+    this.event_id.clear();
+    this.cancel = None;
+});
+reusable!(proto::Action, kind, |this| {
+    this.correlation_id = None;
+});
+reusable!(proto::ActionResult, result, |this| {
+    this.correlation_id.clear();
+    this.status = None;
+});
+
+/// Decodes `bytes` into `msg`, reusing its allocations: the result equals a fresh decode.
+///
+/// Plain `Message::decode` builds a new message, and `clear` + `merge` would drop the oneof's
+/// variant (and its strings). This resets fields in place, merges, and then fixes the one case
+/// where reuse differs from a fresh decode: a oneof variant left over that the input did not
+/// carry.
+pub fn decode_reuse<M: Reusable>(msg: &mut M, mut bytes: &[u8]) -> Result<(), DecodeError> {
+    msg.reset_keep();
+    let mut last_oneof: Option<u32> = None;
+    while bytes.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut bytes)?;
+        if tag >= M::ONEOF_MIN {
+            last_oneof = Some(tag);
+        }
+        msg.merge_field(tag, wire_type, &mut bytes, DecodeContext::default())?;
+    }
+    if msg.oneof_number().map(|n| n as u32) != last_oneof {
+        msg.clear_oneof();
+    }
+    Ok(())
+}
+
+/// The field number of the oneof variant `bytes` (an encoded [`Reusable`] message) carries, if
+/// any: the last field at or above `oneof_min`, as a decoder would keep.
+fn peek_oneof(mut bytes: &[u8], oneof_min: u32) -> Result<Option<u32>, DecodeError> {
+    let mut last = None;
+    while bytes.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut bytes)?;
+        if tag >= oneof_min {
+            last = Some(tag);
+        }
+        prost::encoding::skip_field(wire_type, tag, &mut bytes, DecodeContext::default())?;
+    }
+    Ok(last)
+}
+
+/// What a plugin receives on its control ring, lent to a callback.
+#[derive(Debug)]
+pub enum HostMessage<'a> {
+    /// One event (alone, or one of a batch, in order).
+    Event(&'a EventEnvelope),
+    /// Anything else: hello, shutdown, action result, server info.
+    Other(&'a HostToPlugin),
+}
+
+/// Most distinct event payload field numbers kept decoded (one reusable envelope each).
+const SLOTS: usize = 128;
+
+/// Plugin-side decoder of `HostToPlugin` frames that allocates nothing in steady state: each
+/// event is decoded into a reusable envelope kept per event type, handed to the callback, and
+/// kept for the next event of that type; batches are walked in place without building an
+/// `EventBatch`.
+pub struct HostDecoder {
+    slots: Vec<Option<EventEnvelope>>,
+    other: HostToPlugin,
+}
+
+impl Default for HostDecoder {
+    fn default() -> Self {
+        Self {
+            slots: (0..SLOTS).map(|_| None).collect(),
+            other: HostToPlugin::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for HostDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostDecoder").finish_non_exhaustive()
+    }
+}
+
+impl HostDecoder {
+    /// Decodes one `HostToPlugin` frame payload, calling `f` for each message in order (each
+    /// event of a batch separately). Returns the number of events.
+    pub fn decode(&mut self, bytes: &[u8], mut f: impl FnMut(HostMessage<'_>)) -> Result<usize, DecodeError> {
+        match peek_oneof(bytes, HostToPlugin::ONEOF_MIN)? {
+            Some(HOST_TO_PLUGIN_EVENT) => {
+                let body = last_field(bytes, HOST_TO_PLUGIN_EVENT)?;
+                self.event(body, &mut f)?;
+                Ok(1)
+            }
+            Some(HOST_TO_PLUGIN_EVENTS) => {
+                let mut batch = last_field(bytes, HOST_TO_PLUGIN_EVENTS)?;
+                let mut n = 0;
+                while batch.has_remaining() {
+                    let (tag, wire_type) = decode_key(&mut batch)?;
+                    if tag == EVENT_BATCH_EVENTS && wire_type == WireType::LengthDelimited {
+                        let len = prost::encoding::decode_varint(&mut batch)?;
+                        let len = usize::try_from(len).ok().filter(|&l| l <= batch.len()).ok_or_else(|| {
+                            DecodeError::Framing("event batch entry runs past the frame")
+                        })?;
+                        let (body, rest) = batch.split_at(len);
+                        batch = rest;
+                        self.event(body, &mut f)?;
+                        n += 1;
+                    } else {
+                        prost::encoding::skip_field(wire_type, tag, &mut batch, DecodeContext::default())?;
+                    }
+                }
+                Ok(n)
+            }
+            _ => {
+                decode_reuse(&mut self.other, bytes)?;
+                f(HostMessage::Other(&self.other));
+                Ok(0)
+            }
+        }
+    }
+
+    fn event(&mut self, body: &[u8], f: &mut impl FnMut(HostMessage<'_>)) -> Result<(), DecodeError> {
+        let number = peek_oneof(body, EventEnvelope::ONEOF_MIN)?.unwrap_or(0);
+        let slot = &mut self.slots[(number as usize).min(SLOTS - 1)];
+        let env = slot.get_or_insert_with(|| EventEnvelope {
+            payload: proto::event_envelope::Payload::default_for(number as i32),
+            ..Default::default()
+        });
+        decode_reuse(env, body)?;
+        f(HostMessage::Event(env));
+        Ok(())
+    }
+}
+
+/// The body of the last occurrence of length-delimited field `tag` in `bytes`.
+fn last_field(mut bytes: &[u8], tag: u32) -> Result<&[u8], DecodeError> {
+    let mut found: Option<&[u8]> = None;
+    while bytes.has_remaining() {
+        let (t, wire_type) = decode_key(&mut bytes)?;
+        if t == tag && wire_type == WireType::LengthDelimited {
+            let len = prost::encoding::decode_varint(&mut bytes)?;
+            let len = usize::try_from(len)
+                .ok()
+                .filter(|&l| l <= bytes.len())
+                .ok_or_else(|| DecodeError::Framing("field runs past the frame"))?;
+            let (body, rest) = bytes.split_at(len);
+            found = Some(body);
+            bytes = rest;
+        } else {
+            prost::encoding::skip_field(wire_type, t, &mut bytes, DecodeContext::default())?;
+        }
+    }
+    found.ok_or_else(|| DecodeError::Framing("field missing"))
+}
+
+/// Host-side decoder of `PluginToHost` frames. The bytes are first copied out of the ring
+/// (shared memory is untrusted: a plugin could change them while they are decoded), then
+/// decoded into a reused message.
+#[derive(Debug, Default)]
+pub struct PluginDecoder {
+    copy: Vec<u8>,
+    msg: PluginToHost,
+}
+
+impl PluginDecoder {
+    /// Copies `payload` out and decodes it; the message is valid until the next call.
+    pub fn decode(&mut self, payload: &[u8]) -> Result<&PluginToHost, DecodeError> {
+        self.copy.clear();
+        self.copy.extend_from_slice(payload);
+        decode_reuse(&mut self.msg, &self.copy)?;
+        Ok(&self.msg)
+    }
+
+    /// Like [`PluginDecoder::decode`] but lends the message mutably (to move parts out).
+    pub fn decode_mut(&mut self, payload: &[u8]) -> Result<&mut PluginToHost, DecodeError> {
+        self.copy.clear();
+        self.copy.extend_from_slice(payload);
+        decode_reuse(&mut self.msg, &self.copy)?;
+        Ok(&mut self.msg)
+    }
+}

@@ -12,7 +12,9 @@ compile_error!("plugbus uses Linux futexes and /dev/shm; it builds on Linux only
 
 pub mod codec;
 pub mod fastpath;
+pub mod host;
 pub mod proto;
 pub mod ring;
 pub mod segment;
 pub mod sync;
+pub mod transport;

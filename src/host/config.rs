@@ -1,0 +1,385 @@
+//! Host configuration, in code or from a TOML file.
+//!
+//! ```toml
+//! [host]
+//! hello_timeout_ms = 2000       # wait for a plugin's PluginHello
+//! response_timeout_ms = 250     # how long an event that expects a response waits
+//! shutdown_grace_ms = 5000      # HostShutdown, then this long, then SIGKILL
+//!
+//! [[plugin]]
+//! id = "chat_filter"
+//! name = "Chat filter"
+//! command = "target/release/examples/chat_filter"
+//! args = ["--banned", "darn"]
+//! env = { RUST_LOG = "info" }
+//! workdir = "."
+//! priority = 10                 # higher priority has the final say on mutations
+//! required = true               # the host waits for its hello before it starts
+//! [plugin.rings]                # bytes, powers of two
+//! moves = 4194304
+//! control = 1048576
+//! replies = 262144
+//! ```
+//!
+//! A plugin with `attach = true` (and no `command`) is not launched: the host creates its
+//! segment (named by `segment`, or generated) and waits for a process started by someone else to
+//! attach with `PLUGBUS_SEGMENT` set to that name.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use crate::transport::shm::RingSizes;
+
+/// A configuration error, naming the file, the plugin and the field at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}{}{message}", file.as_ref().map(|f| format!("{}: ", f.display())).unwrap_or_default(), plugin.as_ref().map(|p| format!("plugin `{p}`: ")).unwrap_or_default(), field.as_ref().map(|f| format!("field `{f}`: ")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The file, when loaded from one.
+    pub file: Option<PathBuf>,
+    /// The plugin id (or `plugin[N]` when the id itself is missing).
+    pub plugin: Option<String>,
+    /// The field.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(plugin: Option<&str>, field: Option<&str>, message: impl Into<String>) -> Self {
+        Self {
+            file: None,
+            plugin: plugin.map(str::to_owned),
+            field: field.map(str::to_owned),
+            message: message.into(),
+        }
+    }
+}
+
+/// Settings for the whole host.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostSettings {
+    /// How long to wait for a plugin's hello, ms (default 2000).
+    pub hello_timeout_ms: u64,
+    /// How long an event that expects a response waits for answers, ms (default 250).
+    pub response_timeout_ms: u64,
+    /// Grace between HostShutdown and SIGKILL, ms (default 5000).
+    pub shutdown_grace_ms: u64,
+    /// An attached plugin whose heartbeat is older than this is checked for death, ms
+    /// (default 600; plugins beat every 100 ms, so death is seen within a second).
+    pub heartbeat_timeout_ms: u64,
+    /// Restarts allowed per window before a launched plugin is disabled (default 3).
+    pub restart_max: u32,
+    /// The restart window, seconds (default 60).
+    pub restart_window_s: u64,
+    /// Frames a plugin's overflow queue may hold before it is disconnected (default 4096).
+    pub overflow_frames: usize,
+    /// Events per batch before an early flush (default 100).
+    pub batch_max_events: usize,
+    /// Encoded bytes per batch before an early flush (default 4096).
+    pub batch_max_bytes: usize,
+    /// Reply latency above which a plugin is reported slow, ms (default 50).
+    pub slow_reply_ms: u64,
+    /// Ring fill (0..1) above which a plugin is reported slow (default 0.75).
+    pub slow_occupancy: f64,
+}
+
+impl Default for HostSettings {
+    fn default() -> Self {
+        Self {
+            hello_timeout_ms: 2000,
+            response_timeout_ms: 250,
+            shutdown_grace_ms: 5000,
+            heartbeat_timeout_ms: 600,
+            restart_max: 3,
+            restart_window_s: 60,
+            overflow_frames: 4096,
+            batch_max_events: 100,
+            batch_max_bytes: 4096,
+            slow_reply_ms: 50,
+            slow_occupancy: 0.75,
+        }
+    }
+}
+
+impl HostSettings {
+    /// Hello timeout.
+    pub fn hello_timeout(&self) -> Duration {
+        Duration::from_millis(self.hello_timeout_ms)
+    }
+    /// Event response timeout.
+    pub fn response_timeout(&self) -> Duration {
+        Duration::from_millis(self.response_timeout_ms)
+    }
+    /// Shutdown grace.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+/// One plugin.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Unique id: `[A-Za-z0-9_-]`, at most 48 characters.
+    pub id: String,
+    /// Display name (defaults to the id).
+    #[serde(default)]
+    pub name: String,
+    /// Program to launch (absent in attach mode).
+    #[serde(default)]
+    pub command: Option<PathBuf>,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default)]
+    pub workdir: Option<PathBuf>,
+    /// Mutation priority: higher has the final say (default 0).
+    #[serde(default)]
+    pub priority: i32,
+    /// Whether the host waits for its hello before starting (default false).
+    #[serde(default)]
+    pub required: bool,
+    /// Attach mode: do not launch; wait for an external process.
+    #[serde(default)]
+    pub attach: bool,
+    /// Segment name to use (attach mode); generated when absent.
+    #[serde(default)]
+    pub segment: Option<String>,
+    /// Ring sizes.
+    #[serde(default)]
+    pub rings: RingSizes,
+}
+
+impl PluginConfig {
+    /// A launched plugin running `command`.
+    pub fn launch(id: &str, command: impl Into<PathBuf>) -> Self {
+        Self {
+            id: id.to_owned(),
+            name: String::new(),
+            command: Some(command.into()),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            workdir: None,
+            priority: 0,
+            required: false,
+            attach: false,
+            segment: None,
+            rings: RingSizes::default(),
+        }
+    }
+
+    /// An attached plugin (started by someone else).
+    pub fn attached(id: &str) -> Self {
+        Self {
+            command: None,
+            attach: true,
+            ..Self::launch(id, "")
+        }
+    }
+
+    /// Sets the arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Sets the priority.
+    pub fn priority(mut self, p: i32) -> Self {
+        self.priority = p;
+        self
+    }
+
+    /// Marks the plugin required.
+    pub fn required(mut self, r: bool) -> Self {
+        self.required = r;
+        self
+    }
+
+    /// Sets ring sizes.
+    pub fn rings(mut self, rings: RingSizes) -> Self {
+        self.rings = rings;
+        self
+    }
+
+    /// Display name (the id when none is set).
+    pub fn display_name(&self) -> &str {
+        if self.name.is_empty() { &self.id } else { &self.name }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let id = Some(self.id.as_str());
+        if self.id.is_empty()
+            || self.id.len() > 48
+            || !self.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(ConfigError::new(
+                id,
+                Some("id"),
+                "must be 1 to 48 characters of A-Z a-z 0-9 _ -",
+            ));
+        }
+        match (&self.command, self.attach) {
+            (None, false) => {
+                return Err(ConfigError::new(id, Some("command"), "missing (or set attach = true)"));
+            }
+            (Some(c), false) if c.as_os_str().is_empty() => {
+                return Err(ConfigError::new(id, Some("command"), "is empty"));
+            }
+            (Some(_), true) => {
+                return Err(ConfigError::new(id, Some("attach"), "an attached plugin has no command"));
+            }
+            _ => {}
+        }
+        if let Some(s) = &self.segment {
+            if !crate::segment::valid_name(s) {
+                return Err(ConfigError::new(
+                    id,
+                    Some("segment"),
+                    format!("{s:?} is not a valid segment name (plugbus.<A-Z a-z 0-9 . _ ->)"),
+                ));
+            }
+        }
+        for (field, v, min) in [
+            ("rings.moves", self.rings.moves, 1 << 16),
+            ("rings.control", self.rings.control, 1 << 12),
+            ("rings.replies", self.rings.replies, 1 << 12),
+        ] {
+            if !v.is_power_of_two() || v < min || v > 1 << 30 {
+                return Err(ConfigError::new(
+                    id,
+                    Some(field),
+                    format!("{v} must be a power of two between {min} and {}", 1u64 << 30),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HostConfig {
+    /// Host-wide settings.
+    pub host: HostSettings,
+    /// Plugins, in the order given.
+    pub plugins: Vec<PluginConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    host: Option<toml::Value>,
+    #[serde(default)]
+    plugin: Vec<toml::Value>,
+}
+
+impl HostConfig {
+    /// A configuration with default settings and these plugins.
+    pub fn new(plugins: Vec<PluginConfig>) -> Self {
+        Self {
+            host: HostSettings::default(),
+            plugins,
+        }
+    }
+
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_owned()),
+            plugin: None,
+            field: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::from_toml(&text).map_err(|mut e| {
+            e.file = Some(path.to_owned());
+            e
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::new(None, None, e.message().to_owned()))?;
+        let host = match raw.host {
+            Some(v) => serde_path_to_error::deserialize(v).map_err(|e| field_error(None, "host", &e))?,
+            None => HostSettings::default(),
+        };
+        let mut plugins = Vec::new();
+        for (i, v) in raw.plugin.into_iter().enumerate() {
+            let label = v
+                .get("id")
+                .and_then(toml::Value::as_str)
+                .map_or_else(|| format!("plugin[{i}]"), str::to_owned);
+            let p: PluginConfig =
+                serde_path_to_error::deserialize(v).map_err(|e| field_error(Some(&label), "", &e))?;
+            plugins.push(p);
+        }
+        let cfg = Self { host, plugins };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every plugin and the settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let h = &self.host;
+        if h.response_timeout_ms == 0 || h.hello_timeout_ms == 0 {
+            return Err(ConfigError::new(None, Some("host"), "timeouts must be positive"));
+        }
+        if h.batch_max_events == 0 || h.batch_max_bytes == 0 || h.overflow_frames == 0 {
+            return Err(ConfigError::new(None, Some("host"), "batch and overflow limits must be positive"));
+        }
+        if !(0.0..=1.0).contains(&h.slow_occupancy) {
+            return Err(ConfigError::new(None, Some("host.slow_occupancy"), "must be between 0 and 1"));
+        }
+        let mut ids = HashSet::new();
+        for p in &self.plugins {
+            p.validate()?;
+            if !ids.insert(p.id.as_str()) {
+                return Err(ConfigError::new(Some(&p.id), Some("id"), "duplicate plugin id"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Turns a deserialization error into one naming the field (its path inside the table).
+fn field_error(plugin: Option<&str>, prefix: &str, e: &serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let path = e.path().to_string();
+    let mut field = match (prefix.is_empty(), path.as_str()) {
+        (true, ".") => None,
+        (true, p) => Some(p.to_owned()),
+        (false, ".") => Some(prefix.to_owned()),
+        (false, p) => Some(format!("{prefix}.{p}")),
+    };
+    let message = e.inner().message().to_owned();
+    // An unknown or missing field is reported at its parent's path; name the field itself.
+    if let Some(name) = message.split('`').nth(1) {
+        if message.starts_with("unknown field") || message.starts_with("missing field") {
+            field = Some(match field {
+                Some(f) => format!("{f}.{name}"),
+                None => name.to_owned(),
+            });
+        }
+    }
+    ConfigError {
+        file: None,
+        plugin: plugin.map(str::to_owned),
+        field,
+        message,
+    }
+}

@@ -1,0 +1,147 @@
+//! The host's counters and histograms: plain integers owned by the tick thread (no atomics on
+//! the hot path), copied out by [`super::Host::metrics`].
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+
+/// A histogram of non-negative integers (latencies in ns, batch sizes).
+#[derive(Debug, Clone)]
+pub struct Hist(Histogram<u64>);
+
+impl Default for Hist {
+    fn default() -> Self {
+        Self(Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static histogram bounds"))
+    }
+}
+
+impl Hist {
+    /// Records one value (clamped into range; recording never allocates).
+    #[inline]
+    pub fn record(&mut self, v: u64) {
+        self.0.saturating_record(v.max(1));
+    }
+    /// Number of values.
+    pub fn count(&self) -> u64 {
+        self.0.len()
+    }
+    /// The value at quantile `q` (0..=1), 0 when empty.
+    pub fn quantile(&self, q: f64) -> u64 {
+        if self.0.is_empty() { 0 } else { self.0.value_at_quantile(q) }
+    }
+    /// Largest value, 0 when empty.
+    pub fn max(&self) -> u64 {
+        if self.0.is_empty() { 0 } else { self.0.max() }
+    }
+    /// Mean, 0 when empty.
+    pub fn mean(&self) -> f64 {
+        if self.0.is_empty() { 0.0 } else { self.0.mean() }
+    }
+    /// Adds another histogram's values.
+    pub fn merge(&mut self, other: &Hist) {
+        let _ = self.0.add(&other.0);
+    }
+    /// The underlying histogram.
+    pub fn inner(&self) -> &Histogram<u64> {
+        &self.0
+    }
+    /// Forgets every value.
+    pub fn reset(&mut self) {
+        self.0.reset();
+    }
+}
+
+/// Per-plugin counters.
+#[derive(Debug, Clone, Default)]
+pub struct PluginStats {
+    /// Events delivered to the ring.
+    pub events_sent: u64,
+    /// Move records delivered.
+    pub moves_sent: u64,
+    /// Move records superseded while the plugin lagged (conflated away).
+    pub moves_conflated: u64,
+    /// Frames that had to wait in the overflow queue.
+    pub overflowed_frames: u64,
+    /// Frames written.
+    pub frames_sent: u64,
+    /// Batch frames written.
+    pub batches: u64,
+    /// Doorbell rings that woke the plugin.
+    pub wakeups: u64,
+    /// Event results received in time.
+    pub replies: u64,
+    /// Event results that came after the deadline (or never).
+    pub late_replies: u64,
+    /// Times the plugin was reported slow.
+    pub slow_reports: u64,
+    /// Disconnections, by reason.
+    pub disconnects: BTreeMap<String, u64>,
+    /// Restarts.
+    pub restarts: u64,
+    /// Dispatch -> EventResult latency, ns.
+    pub reply_latency_ns: Hist,
+    /// Events per batch frame.
+    pub batch_events: Hist,
+}
+
+/// Host-wide counters.
+#[derive(Debug, Clone)]
+pub struct HostStats {
+    /// Ticks ended.
+    pub ticks: u64,
+    /// Events offered to `publish` / `dispatch`, indexed by event type number.
+    pub offered: [u64; 128],
+    /// Events no plugin subscribed to (never encoded).
+    pub filtered: u64,
+    /// Events encoded (once per event, whatever the number of plugins).
+    pub encoded: u64,
+    /// Move records offered.
+    pub moves_offered: u64,
+    /// Actions received from plugins.
+    pub actions: u64,
+    /// Encode time per event, ns.
+    pub encode_ns: Hist,
+    /// Host-side cost of `end_tick` (flush, moves, doorbells), ns.
+    pub end_tick_ns: Hist,
+}
+
+impl Default for HostStats {
+    fn default() -> Self {
+        Self {
+            ticks: 0,
+            offered: [0; 128],
+            filtered: 0,
+            encoded: 0,
+            moves_offered: 0,
+            actions: 0,
+            encode_ns: Hist::default(),
+            end_tick_ns: Hist::default(),
+        }
+    }
+}
+
+impl HostStats {
+    /// Events offered, by event type name (types never offered are left out).
+    pub fn offered_by_type(&self) -> BTreeMap<&'static str, u64> {
+        self.offered
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(t, n)| {
+                let name = crate::proto::EventType::try_from(t as i32).map_or("UNKNOWN", |e| e.as_str_name());
+                (name, *n)
+            })
+            .collect()
+    }
+}
+
+/// A snapshot of every counter, for embedders and the metrics endpoint.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSnapshot {
+    /// Host-wide counters.
+    pub host: HostStats,
+    /// Per plugin id.
+    pub plugins: BTreeMap<String, PluginStats>,
+    /// Buffer pool hits and misses.
+    pub pool: crate::codec::PoolStats,
+}

@@ -13,6 +13,7 @@ compile_error!("plugbus uses Linux futexes and /dev/shm; it builds on Linux only
 pub mod codec;
 pub mod fastpath;
 pub mod host;
+pub mod plugin;
 pub mod proto;
 pub mod ring;
 pub mod segment;

@@ -189,6 +189,9 @@ pub struct Segment {
     side: Side,
     rings: Vec<RingDesc>,
     unlink_on_drop: bool,
+    /// This handle holds the attacher slot (made by `open`, not `open_unattached`); dropping
+    /// it gives the slot back.
+    attached: bool,
 }
 
 impl std::fmt::Debug for Segment {
@@ -307,6 +310,7 @@ impl Segment {
             side: Side::Creator,
             rings: descs.clone(),
             unlink_on_drop: true,
+            attached: false,
         };
         let mut tag_bytes = [0u8; header::TAG_LEN];
         let t = tag.as_bytes();
@@ -358,7 +362,7 @@ impl Segment {
     /// Opens segment `name` as the attacher, checking everything in its header, and records
     /// this process as the attacher. Refused if another live process is attached.
     pub fn open(name: &str) -> Result<Self, SegmentOpenError> {
-        let seg = Self::open_unattached(name)?;
+        let mut seg = Self::open_unattached(name)?;
         let me = std::process::id();
         let shared = &seg.header().shared;
         let mut current = shared.attacher_pid.load(Ordering::Acquire);
@@ -380,6 +384,7 @@ impl Segment {
         }
         seg.header().attacher_heartbeat.store(monotonic_ns(), Ordering::Relaxed);
         shared.state.store(header::STATE_ATTACHED, Ordering::Release);
+        seg.attached = true;
         Ok(seg)
     }
 
@@ -418,6 +423,7 @@ impl Segment {
             side: Side::Attacher,
             rings: Vec::new(),
             unlink_on_drop: false,
+            attached: false,
         };
         seg.rings = validate(seg.header(), name, actual)?;
         Ok(seg)
@@ -513,7 +519,7 @@ impl Segment {
 
 impl Drop for Segment {
     fn drop(&mut self) {
-        if self.side == Side::Attacher {
+        if self.attached {
             let shared = &self.header().shared;
             let me = std::process::id();
             if shared

@@ -165,6 +165,8 @@ pub trait PluginLink: Send {
     fn heartbeat(&mut self);
     /// The host's state.
     fn host_state(&self) -> HostState;
+    /// The host's process id (0 if unknown).
+    fn host_pid(&self) -> u32;
     /// Publishes counters for inspection tools: events, move frames, replies.
     fn publish_counters(&mut self, events: u64, move_frames: u64, replies: u64);
 }

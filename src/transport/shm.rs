@@ -345,6 +345,10 @@ impl PluginLink for ShmPluginLink {
         }
     }
 
+    fn host_pid(&self) -> u32 {
+        self.segment.header().fixed.creator_pid
+    }
+
     fn publish_counters(&mut self, events: u64, move_frames: u64, replies: u64) {
         let slots = &self.segment.header().attacher_counters;
         slots[counters::PLUGIN_EVENTS].store(events, Ordering::Relaxed);

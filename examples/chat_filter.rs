@@ -1,0 +1,115 @@
+//! A plugin that cancels chat containing a banned word, rewrites another word, and answers a
+//! command it registered (`/filterstats`).
+//!
+//! Started by a plugbus host (which sets `PLUGBUS_SEGMENT` and `PLUGBUS_PLUGIN_ID`).
+//! Options: `--banned WORD` (default `darn`), `--rewrite FROM=TO` (default `heck=h*ck`),
+//! `--wait spin|park|spin-then-park`.
+
+use plugbus::plugin::{Context, Handler, Plugin, Reply, WaitStrategy};
+use plugbus::proto::{CommandSpec, EventEnvelope, EventType, event_envelope::Payload};
+
+struct ChatFilter {
+    banned: String,
+    from: String,
+    to: String,
+    cancelled: u64,
+    rewritten: u64,
+    passed: u64,
+}
+
+impl Handler for ChatFilter {
+    fn on_event(&mut self, ctx: &mut Context<'_>, event: &EventEnvelope) -> Reply {
+        match &event.payload {
+            Some(Payload::Chat(chat)) => {
+                let lower = chat.message.to_lowercase();
+                if lower.contains(&self.banned) {
+                    self.cancelled += 1;
+                    ctx.send_chat(&chat.player_uuid, "Your message was blocked by the chat filter.");
+                    Reply::Cancel
+                } else if lower.contains(&self.from) {
+                    self.rewritten += 1;
+                    Reply::chat_message(replace_ignore_case(&chat.message, &self.from, &self.to))
+                } else {
+                    self.passed += 1;
+                    Reply::Ack
+                }
+            }
+            Some(Payload::Command(cmd)) if cmd.name == "filterstats" => {
+                let text = format!(
+                    "chat filter: {} blocked, {} rewritten, {} passed",
+                    self.cancelled, self.rewritten, self.passed
+                );
+                ctx.send_chat(&cmd.player_uuid, &text);
+                Reply::Ack
+            }
+            _ => Reply::Ack,
+        }
+    }
+
+    fn on_shutdown(&mut self, reason: &str) {
+        println!(
+            "chat_filter stopping ({reason}): {} blocked, {} rewritten, {} passed",
+            self.cancelled, self.rewritten, self.passed
+        );
+    }
+}
+
+/// Replaces every case-insensitive occurrence of `from` (ASCII) with `to`.
+fn replace_ignore_case(text: &str, from: &str, to: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = 0;
+    for (i, _) in lower.match_indices(from) {
+        out.push_str(&text[rest..i]);
+        out.push_str(to);
+        rest = i + from.len();
+    }
+    out.push_str(&text[rest..]);
+    out
+}
+
+fn main() {
+    let mut filter = ChatFilter {
+        banned: "darn".into(),
+        from: "heck".into(),
+        to: "h*ck".into(),
+        cancelled: 0,
+        rewritten: 0,
+        passed: 0,
+    };
+    let mut wait = WaitStrategy::default();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--banned" => filter.banned = args.next().unwrap_or_default().to_ascii_lowercase(),
+            "--rewrite" => {
+                let v = args.next().unwrap_or_default();
+                let Some((f, t)) = v.split_once('=') else { fail("--rewrite takes FROM=TO") };
+                filter.from = f.to_ascii_lowercase();
+                filter.to = t.to_owned();
+            }
+            "--wait" => wait = args.next().unwrap_or_default().parse().unwrap_or_else(|e: String| fail(&e)),
+            other => fail(&format!("unknown argument {other:?}")),
+        }
+    }
+    let result = Plugin::from_env().and_then(|b| {
+        b.name("chat_filter")
+            .version(env!("CARGO_PKG_VERSION"))
+            .command(CommandSpec {
+                name: "filterstats".into(),
+                description: "Shows what the chat filter did".into(),
+                ..Default::default()
+            })
+            .subscribe([EventType::Chat, EventType::Command])
+            .wait(wait)
+            .run(&mut filter)
+    });
+    if let Err(e) = result {
+        fail(&e.to_string());
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("chat_filter: {msg}");
+    std::process::exit(1);
+}

@@ -273,6 +273,13 @@ impl HostDecoder {
     /// Decodes one `HostToPlugin` frame payload, calling `f` for each message in order (each
     /// event of a batch separately). Returns the number of events.
     pub fn decode(&mut self, bytes: &[u8], mut f: impl FnMut(HostMessage<'_>)) -> Result<usize, DecodeError> {
+        self.decode_raw(bytes, |m, _| f(m))
+    }
+
+    /// Like [`HostDecoder::decode`], also lending the encoded bytes of each message: an event's
+    /// `EventEnvelope` encoding, or the whole `HostToPlugin` for other messages (for callers
+    /// that hand the bytes on, such as the C API).
+    pub fn decode_raw(&mut self, bytes: &[u8], mut f: impl FnMut(HostMessage<'_>, &[u8])) -> Result<usize, DecodeError> {
         match peek_oneof(bytes, HostToPlugin::ONEOF_MIN)? {
             Some(HOST_TO_PLUGIN_EVENT) => {
                 let body = last_field(bytes, HOST_TO_PLUGIN_EVENT)?;
@@ -286,9 +293,10 @@ impl HostDecoder {
                     let (tag, wire_type) = decode_key(&mut batch)?;
                     if tag == EVENT_BATCH_EVENTS && wire_type == WireType::LengthDelimited {
                         let len = prost::encoding::decode_varint(&mut batch)?;
-                        let len = usize::try_from(len).ok().filter(|&l| l <= batch.len()).ok_or_else(|| {
-                            DecodeError::Framing("event batch entry runs past the frame")
-                        })?;
+                        let len = usize::try_from(len)
+                            .ok()
+                            .filter(|&l| l <= batch.len())
+                            .ok_or(DecodeError::Framing("event batch entry runs past the frame"))?;
                         let (body, rest) = batch.split_at(len);
                         batch = rest;
                         self.event(body, &mut f)?;
@@ -301,13 +309,13 @@ impl HostDecoder {
             }
             _ => {
                 decode_reuse(&mut self.other, bytes)?;
-                f(HostMessage::Other(&self.other));
+                f(HostMessage::Other(&self.other), bytes);
                 Ok(0)
             }
         }
     }
 
-    fn event(&mut self, body: &[u8], f: &mut impl FnMut(HostMessage<'_>)) -> Result<(), DecodeError> {
+    fn event(&mut self, body: &[u8], f: &mut impl FnMut(HostMessage<'_>, &[u8])) -> Result<(), DecodeError> {
         let number = peek_oneof(body, EventEnvelope::ONEOF_MIN)?.unwrap_or(0);
         let slot = &mut self.slots[(number as usize).min(SLOTS - 1)];
         let env = slot.get_or_insert_with(|| EventEnvelope {
@@ -315,7 +323,7 @@ impl HostDecoder {
             ..Default::default()
         });
         decode_reuse(env, body)?;
-        f(HostMessage::Event(env));
+        f(HostMessage::Event(env), body);
         Ok(())
     }
 }

@@ -61,6 +61,12 @@ pub trait Handler {
         let _ = (ctx, event);
         Reply::Ack
     }
+    /// One event with its encoded `EventEnvelope` bytes (valid during the call). The default
+    /// calls [`Handler::on_event`]; override it to hand the bytes on (the C API does).
+    fn on_event_bytes(&mut self, ctx: &mut Context<'_>, event: &EventEnvelope, bytes: &[u8]) -> Reply {
+        let _ = bytes;
+        self.on_event(ctx, event)
+    }
     /// The result of an action sent with a correlation id but no callback.
     fn on_action_result(&mut self, ctx: &mut Context<'_>, result: &ActionResult) {
         let _ = (ctx, result);
@@ -415,7 +421,7 @@ impl<L: PluginLink> Plugin<L> {
                 handler.on_moves(&mut ctx, header.tick, records);
             }
             Incoming::Host(bytes) => {
-                let r = decoder.decode(bytes, |m| match m {
+                let r = decoder.decode_raw(bytes, |m, raw| match m {
                     HostMessage::Event(env) => {
                         counters.events += 1;
                         let mut ctx = Context {
@@ -423,7 +429,7 @@ impl<L: PluginLink> Plugin<L> {
                             queries,
                             next_query,
                         };
-                        let reply = handler.on_event(&mut ctx, env);
+                        let reply = handler.on_event_bytes(&mut ctx, env, raw);
                         if env.expects_response {
                             out.result(&env.event_id, reply);
                             counters.replies += 1;

@@ -24,7 +24,10 @@ impl Handler for ChatFilter {
                 let lower = chat.message.to_lowercase();
                 if lower.contains(&self.banned) {
                     self.cancelled += 1;
-                    ctx.send_chat(&chat.player_uuid, "Your message was blocked by the chat filter.");
+                    ctx.send_chat(
+                        &chat.player_uuid,
+                        "Your message was blocked by the chat filter.",
+                    );
                     Reply::Cancel
                 } else if lower.contains(&self.from) {
                     self.rewritten += 1;
@@ -68,7 +71,8 @@ fn replace_ignore_case(text: &str, from: &str, to: &str) -> String {
     out
 }
 
-fn main() {
+/// Runs the plugin with command-line style arguments (also used by `plugbus demo`).
+pub fn run(args: Vec<String>) -> Result<(), String> {
     let mut filter = ChatFilter {
         banned: "darn".into(),
         from: "heck".into(),
@@ -78,38 +82,39 @@ fn main() {
         passed: 0,
     };
     let mut wait = WaitStrategy::default();
-    let mut args = std::env::args().skip(1);
+    let mut args = args.into_iter();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--banned" => filter.banned = args.next().unwrap_or_default().to_ascii_lowercase(),
             "--rewrite" => {
                 let v = args.next().unwrap_or_default();
-                let Some((f, t)) = v.split_once('=') else { fail("--rewrite takes FROM=TO") };
+                let (f, t) = v.split_once('=').ok_or("--rewrite takes FROM=TO")?;
                 filter.from = f.to_ascii_lowercase();
                 filter.to = t.to_owned();
             }
-            "--wait" => wait = args.next().unwrap_or_default().parse().unwrap_or_else(|e: String| fail(&e)),
-            other => fail(&format!("unknown argument {other:?}")),
+            "--wait" => wait = args.next().unwrap_or_default().parse()?,
+            other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    let result = Plugin::from_env().and_then(|b| {
-        b.name("chat_filter")
-            .version(env!("CARGO_PKG_VERSION"))
-            .command(CommandSpec {
-                name: "filterstats".into(),
-                description: "Shows what the chat filter did".into(),
-                ..Default::default()
-            })
-            .subscribe([EventType::Chat, EventType::Command])
-            .wait(wait)
-            .run(&mut filter)
-    });
-    if let Err(e) = result {
-        fail(&e.to_string());
-    }
+    Plugin::from_env()
+        .and_then(|b| {
+            b.name("chat_filter")
+                .version(env!("CARGO_PKG_VERSION"))
+                .command(CommandSpec {
+                    name: "filterstats".into(),
+                    description: "Shows what the chat filter did".into(),
+                    ..Default::default()
+                })
+                .subscribe([EventType::Chat, EventType::Command])
+                .wait(wait)
+                .run(&mut filter)
+        })
+        .map_err(|e| e.to_string())
 }
 
-fn fail(msg: &str) -> ! {
-    eprintln!("chat_filter: {msg}");
-    std::process::exit(1);
+fn main() {
+    if let Err(e) = run(std::env::args().skip(1).collect()) {
+        eprintln!("chat_filter: {e}");
+        std::process::exit(1);
+    }
 }

@@ -72,35 +72,40 @@ impl Handler for MoveCounter {
     }
 
     fn on_shutdown(&mut self, reason: &str) {
-        println!("move_counter stopping ({reason}): {} moves from {} players", self.total, self.per_player.len());
+        println!(
+            "move_counter stopping ({reason}): {} moves from {} players",
+            self.total,
+            self.per_player.len()
+        );
     }
 }
 
-fn main() {
+/// Runs the plugin with command-line style arguments (also used by `plugbus demo`).
+pub fn run(args: Vec<String>) -> Result<(), String> {
     let mut wait = WaitStrategy::default();
     let mut counter = MoveCounter::default();
-    let mut args = std::env::args().skip(1);
+    let mut args = args.into_iter();
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--wait" => wait = args.next().unwrap_or_default().parse().unwrap_or_else(|e: String| fail(&e)),
+            "--wait" => wait = args.next().unwrap_or_default().parse()?,
             "--exit-after" => counter.exit_after = args.next().and_then(|n| n.parse().ok()),
-            other => fail(&format!("unknown argument {other:?}")),
+            other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    let result = Plugin::from_env()
+    Plugin::from_env()
         .and_then(|b| {
             b.name("move_counter")
                 .version(env!("CARGO_PKG_VERSION"))
                 .subscribe([EventType::PlayerMove])
                 .wait(wait)
                 .run(&mut counter)
-        });
-    if let Err(e) = result {
-        fail(&e.to_string());
-    }
+        })
+        .map_err(|e| e.to_string())
 }
 
-fn fail(msg: &str) -> ! {
-    eprintln!("move_counter: {msg}");
-    std::process::exit(1);
+fn main() {
+    if let Err(e) = run(std::env::args().skip(1).collect()) {
+        eprintln!("move_counter: {e}");
+        std::process::exit(1);
+    }
 }

@@ -39,7 +39,9 @@ pub use pool::{BufferPool, EnvelopePool, PoolStats};
 
 use prost::Message;
 use prost::bytes::Buf;
-use prost::encoding::{DecodeContext, WireType, decode_key, encode_key, encode_varint, encoded_len_varint, key_len};
+use prost::encoding::{
+    DecodeContext, WireType, decode_key, encode_key, encode_varint, encoded_len_varint, key_len,
+};
 
 use crate::proto::{self, EventEnvelope, HostToPlugin, PluginToHost};
 use crate::ring::frame::{self, ReserveError};
@@ -78,7 +80,11 @@ pub enum DecodeError {
 /// Encodes `msg` as one frame of `kind`: encoded length, reserve, encode in place, commit. No
 /// intermediate buffer.
 #[inline]
-pub fn encode_in_ring<M: Message>(producer: &mut frame::Producer, kind: u32, msg: &M) -> Result<usize, EncodeError> {
+pub fn encode_in_ring<M: Message>(
+    producer: &mut frame::Producer,
+    kind: u32,
+    msg: &M,
+) -> Result<usize, EncodeError> {
     let len = msg.encoded_len();
     let mut grant = producer.try_reserve(len)?;
     let mut out: &mut [u8] = grant.bytes_mut();
@@ -119,14 +125,22 @@ pub fn encode_field_in_ring<M: Message>(
 
 /// Writes one event as a `HostToPlugin { event }` frame, encoded in place.
 #[inline]
-pub fn encode_event_in_ring(producer: &mut frame::Producer, env: &EventEnvelope) -> Result<usize, EncodeError> {
+pub fn encode_event_in_ring(
+    producer: &mut frame::Producer,
+    env: &EventEnvelope,
+) -> Result<usize, EncodeError> {
     encode_field_in_ring(producer, KIND_HOST_TO_PLUGIN, HOST_TO_PLUGIN_EVENT, env)
 }
 
 /// Writes `body` (an already encoded message) as field `tag` of an enclosing message, into one
 /// frame of `kind`: used to send one encoding to several plugins.
 #[inline]
-pub fn write_field_frame(producer: &mut frame::Producer, kind: u32, tag: u32, body: &[u8]) -> Result<(), ReserveError> {
+pub fn write_field_frame(
+    producer: &mut frame::Producer,
+    kind: u32,
+    tag: u32,
+    body: &[u8],
+) -> Result<(), ReserveError> {
     let len = key_len(tag) + encoded_len_varint(body.len() as u64) + body.len();
     let mut grant = producer.try_reserve(len)?;
     let mut out: &mut [u8] = grant.bytes_mut();
@@ -146,7 +160,8 @@ pub trait Reusable: Message {
     fn oneof_number(&self) -> Option<i32>;
     /// Removes the oneof variant.
     fn clear_oneof(&mut self);
-    /// Lowest field number of the oneof (every field at or above it belongs to the oneof).
+    /// Lowest field number of the oneof (every known field at or above it belongs to the oneof;
+    /// a field unknown to this schema may have any number).
     const ONEOF_MIN: u32 = 10;
 }
 
@@ -203,29 +218,50 @@ reusable!(proto::ActionResult, result, |this| {
 /// variant (and its strings). This resets fields in place, merges, and then fixes the one case
 /// where reuse differs from a fresh decode: a oneof variant left over that the input did not
 /// carry.
+///
+/// The input set the oneof when merging a field left that field's number as the variant; a
+/// field this schema does not know (from a newer peer) is skipped by the merge and does not
+/// count, even when its number is at or above [`Reusable::ONEOF_MIN`].
 pub fn decode_reuse<M: Reusable>(msg: &mut M, mut bytes: &[u8]) -> Result<(), DecodeError> {
     msg.reset_keep();
-    let mut last_oneof: Option<u32> = None;
+    let mut oneof_seen = false;
     while bytes.has_remaining() {
         let (tag, wire_type) = decode_key(&mut bytes)?;
-        if tag >= M::ONEOF_MIN {
-            last_oneof = Some(tag);
-        }
         msg.merge_field(tag, wire_type, &mut bytes, DecodeContext::default())?;
+        if tag >= M::ONEOF_MIN && msg.oneof_number() == i32::try_from(tag).ok() {
+            oneof_seen = true;
+        }
     }
-    if msg.oneof_number().map(|n| n as u32) != last_oneof {
+    if !oneof_seen {
         msg.clear_oneof();
     }
     Ok(())
 }
 
+/// Whether `tag` is a variant of `HostToPlugin.payload`.
+fn is_host_to_plugin_variant(tag: u32) -> bool {
+    i32::try_from(tag)
+        .ok()
+        .and_then(proto::host_to_plugin::Payload::default_for)
+        .is_some()
+}
+
+/// Whether `tag` is a variant of `EventEnvelope.payload`.
+fn is_event_payload_variant(tag: u32) -> bool {
+    i32::try_from(tag)
+        .ok()
+        .and_then(proto::event_envelope::Payload::default_for)
+        .is_some()
+}
+
 /// The field number of the oneof variant `bytes` (an encoded [`Reusable`] message) carries, if
-/// any: the last field at or above `oneof_min`, as a decoder would keep.
-fn peek_oneof(mut bytes: &[u8], oneof_min: u32) -> Result<Option<u32>, DecodeError> {
+/// any: the last field that `is_variant` accepts, as a decoder would keep. Fields this schema
+/// does not know are skipped, as a decoder skips them.
+fn peek_oneof(mut bytes: &[u8], is_variant: fn(u32) -> bool) -> Result<Option<u32>, DecodeError> {
     let mut last = None;
     while bytes.has_remaining() {
         let (tag, wire_type) = decode_key(&mut bytes)?;
-        if tag >= oneof_min {
+        if is_variant(tag) {
             last = Some(tag);
         }
         prost::encoding::skip_field(wire_type, tag, &mut bytes, DecodeContext::default())?;
@@ -272,15 +308,23 @@ impl std::fmt::Debug for HostDecoder {
 impl HostDecoder {
     /// Decodes one `HostToPlugin` frame payload, calling `f` for each message in order (each
     /// event of a batch separately). Returns the number of events.
-    pub fn decode(&mut self, bytes: &[u8], mut f: impl FnMut(HostMessage<'_>)) -> Result<usize, DecodeError> {
+    pub fn decode(
+        &mut self,
+        bytes: &[u8],
+        mut f: impl FnMut(HostMessage<'_>),
+    ) -> Result<usize, DecodeError> {
         self.decode_raw(bytes, |m, _| f(m))
     }
 
     /// Like [`HostDecoder::decode`], also lending the encoded bytes of each message: an event's
     /// `EventEnvelope` encoding, or the whole `HostToPlugin` for other messages (for callers
     /// that hand the bytes on, such as the C API).
-    pub fn decode_raw(&mut self, bytes: &[u8], mut f: impl FnMut(HostMessage<'_>, &[u8])) -> Result<usize, DecodeError> {
-        match peek_oneof(bytes, HostToPlugin::ONEOF_MIN)? {
+    pub fn decode_raw(
+        &mut self,
+        bytes: &[u8],
+        mut f: impl FnMut(HostMessage<'_>, &[u8]),
+    ) -> Result<usize, DecodeError> {
+        match peek_oneof(bytes, is_host_to_plugin_variant)? {
             Some(HOST_TO_PLUGIN_EVENT) => {
                 let body = last_field(bytes, HOST_TO_PLUGIN_EVENT)?;
                 self.event(body, &mut f)?;
@@ -296,13 +340,20 @@ impl HostDecoder {
                         let len = usize::try_from(len)
                             .ok()
                             .filter(|&l| l <= batch.len())
-                            .ok_or(DecodeError::Framing("event batch entry runs past the frame"))?;
+                            .ok_or(DecodeError::Framing(
+                                "event batch entry runs past the frame",
+                            ))?;
                         let (body, rest) = batch.split_at(len);
                         batch = rest;
                         self.event(body, &mut f)?;
                         n += 1;
                     } else {
-                        prost::encoding::skip_field(wire_type, tag, &mut batch, DecodeContext::default())?;
+                        prost::encoding::skip_field(
+                            wire_type,
+                            tag,
+                            &mut batch,
+                            DecodeContext::default(),
+                        )?;
                     }
                 }
                 Ok(n)
@@ -315,8 +366,12 @@ impl HostDecoder {
         }
     }
 
-    fn event(&mut self, body: &[u8], f: &mut impl FnMut(HostMessage<'_>, &[u8])) -> Result<(), DecodeError> {
-        let number = peek_oneof(body, EventEnvelope::ONEOF_MIN)?.unwrap_or(0);
+    fn event(
+        &mut self,
+        body: &[u8],
+        f: &mut impl FnMut(HostMessage<'_>, &[u8]),
+    ) -> Result<(), DecodeError> {
+        let number = peek_oneof(body, is_event_payload_variant)?.unwrap_or(0);
         let slot = &mut self.slots[(number as usize).min(SLOTS - 1)];
         let env = slot.get_or_insert_with(|| EventEnvelope {
             payload: proto::event_envelope::Payload::default_for(number as i32),
@@ -338,7 +393,7 @@ fn last_field(mut bytes: &[u8], tag: u32) -> Result<&[u8], DecodeError> {
             let len = usize::try_from(len)
                 .ok()
                 .filter(|&l| l <= bytes.len())
-                .ok_or_else(|| DecodeError::Framing("field runs past the frame"))?;
+                .ok_or(DecodeError::Framing("field runs past the frame"))?;
             let (body, rest) = bytes.split_at(len);
             found = Some(body);
             bytes = rest;
@@ -346,7 +401,7 @@ fn last_field(mut bytes: &[u8], tag: u32) -> Result<&[u8], DecodeError> {
             prost::encoding::skip_field(wire_type, t, &mut bytes, DecodeContext::default())?;
         }
     }
-    found.ok_or_else(|| DecodeError::Framing("field missing"))
+    found.ok_or(DecodeError::Framing("field missing"))
 }
 
 /// Host-side decoder of `PluginToHost` frames. The bytes are first copied out of the ring

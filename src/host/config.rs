@@ -367,9 +367,11 @@ fn field_error(plugin: Option<&str>, prefix: &str, e: &serde_path_to_error::Erro
         (false, p) => Some(format!("{prefix}.{p}")),
     };
     let message = e.inner().message().to_owned();
-    // An unknown or missing field is reported at its parent's path; name the field itself.
+    // A missing field is reported at its parent's path (an unknown one already at its own):
+    // name the field itself, once.
     if let Some(name) = message.split('`').nth(1) {
-        if message.starts_with("unknown field") || message.starts_with("missing field") {
+        let named = field.as_deref().is_some_and(|f| f == name || f.ends_with(&format!(".{name}")));
+        if (message.starts_with("unknown field") || message.starts_with("missing field")) && !named {
             field = Some(match field {
                 Some(f) => format!("{f}.{name}"),
                 None => name.to_owned(),

@@ -38,6 +38,7 @@
 
 pub mod config;
 mod launch;
+mod metrics;
 mod slot;
 pub mod stats;
 
@@ -55,8 +56,8 @@ pub use stats::{Hist, HostStats, MetricsSnapshot, PluginStats};
 use crate::codec::{BatchLimits, BufferPool, PluginDecoder};
 use crate::fastpath::MoveRecord;
 use crate::proto::{
-    self, Action, ActionResult, EventEnvelope, EventResult, EventType, HostHello, HostShutdown, HostToPlugin,
-    event_result, host_to_plugin, plugin_to_host,
+    self, Action, ActionResult, EventEnvelope, EventResult, EventType, HostHello, HostShutdown,
+    HostToPlugin, event_result, host_to_plugin, plugin_to_host,
 };
 use crate::segment::{self, SegmentCreateError};
 use crate::transport::shm::ShmHostLink;
@@ -181,7 +182,8 @@ pub struct Outcome {
     pub answered: Vec<String>,
     /// Plugins that did not answer in time (counted as "no change").
     pub late: Vec<String>,
-    /// Dispatch to complete (all answered, or the deadline).
+    /// Dispatch to complete: to the last answer when every plugin answered, else to the moment
+    /// the outcome was taken (the deadline).
     pub elapsed: Duration,
 }
 
@@ -194,6 +196,8 @@ struct PendingEvent {
     targets: Vec<Target>,
     dispatched: Instant,
     timeout_at: Instant,
+    /// When the last target answered.
+    completed: Option<Instant>,
 }
 
 /// The host runtime. Drive it from the game's tick thread.
@@ -219,13 +223,22 @@ pub struct Host {
     stats: HostStats,
     last_health: Instant,
     shut_down: bool,
+    /// Refused processes given until then to exit by themselves, then killed.
+    retiring: Vec<(std::process::Child, Instant)>,
 }
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Host")
             .field("boot_id", &self.boot_id)
-            .field("plugins", &self.slots.iter().map(|s| (&s.cfg.id, &s.state)).collect::<Vec<_>>())
+            .field(
+                "plugins",
+                &self
+                    .slots
+                    .iter()
+                    .map(|s| (&s.cfg.id, &s.state))
+                    .collect::<Vec<_>>(),
+            )
             .field("tick", &self.tick)
             .finish_non_exhaustive()
     }
@@ -249,7 +262,11 @@ impl Host {
         config.validate()?;
         match segment::stale::remove_stale() {
             Ok(removed) if !removed.is_empty() => {
-                tracing::info!("removed {} stale plugbus segment(s): {}", removed.len(), removed.join(", "));
+                tracing::info!(
+                    "removed {} stale plugbus segment(s): {}",
+                    removed.len(),
+                    removed.join(", ")
+                );
             }
             Ok(_) => {}
             Err(e) => tracing::warn!("cannot scan for stale segments: {e}"),
@@ -279,6 +296,7 @@ impl Host {
             stats: HostStats::default(),
             last_health: Instant::now(),
             shut_down: false,
+            retiring: Vec::new(),
         };
         for i in 0..host.slots.len() {
             host.open_slot(i)?;
@@ -334,9 +352,11 @@ impl Host {
             // A fixed name left behind by an earlier run of this host: remove it.
             let _ = segment::Segment::unlink(&name);
         }
-        let link = ShmHostLink::create(&name, &s.cfg.id, &s.cfg.rings).map_err(|source| HostError::Segment {
-            id: s.cfg.id.clone(),
-            source,
+        let link = ShmHostLink::create(&name, &s.cfg.id, &s.cfg.rings).map_err(|source| {
+            HostError::Segment {
+                id: s.cfg.id.clone(),
+                source,
+            }
         })?;
         s.link = Some(Box::new(link));
         s.segment = name.clone();
@@ -349,11 +369,17 @@ impl Host {
             tracing::info!(plugin = %s.cfg.id, "waiting for an external plugin to attach with {}={name}", launch::ENV_SEGMENT);
             return Ok(());
         }
-        let child = launch::spawn(&s.cfg, &name, &self.boot_id).map_err(|source| HostError::Launch {
-            id: s.cfg.id.clone(),
-            command: s.cfg.command.as_ref().map(|c| c.display().to_string()).unwrap_or_default(),
-            source,
-        })?;
+        let child =
+            launch::spawn(&s.cfg, &name, &self.boot_id).map_err(|source| HostError::Launch {
+                id: s.cfg.id.clone(),
+                command: s
+                    .cfg
+                    .command
+                    .as_ref()
+                    .map(|c| c.display().to_string())
+                    .unwrap_or_default(),
+                source,
+            })?;
         tracing::info!(plugin = %s.cfg.id, pid = child.id(), segment = %name, "launched plugin");
         if let Err(e) = self.supervisor.watch(&child, i, s.generation) {
             tracing::warn!(plugin = %s.cfg.id, "cannot watch the plugin process ({e}); its exit is seen by heartbeat only");
@@ -379,12 +405,18 @@ impl Host {
 
     /// Plugin ids and states.
     pub fn plugins(&self) -> Vec<(String, SlotState)> {
-        self.slots.iter().map(|s| (s.cfg.id.clone(), s.state.clone())).collect()
+        self.slots
+            .iter()
+            .map(|s| (s.cfg.id.clone(), s.state.clone()))
+            .collect()
     }
 
     /// The segment name of plugin `id` (for attach mode and inspection).
     pub fn segment_of(&self, id: &str) -> Option<&str> {
-        self.slots.iter().find(|s| s.cfg.id == id).map(|s| s.segment.as_str())
+        self.slots
+            .iter()
+            .find(|s| s.cfg.id == id)
+            .map(|s| s.segment.as_str())
     }
 
     /// The process id of launched plugin `id`, if running.
@@ -401,9 +433,19 @@ impl Host {
         self.slots.iter().any(|s| s.cfg.id == id && s.is_ready())
     }
 
+    /// Whether plugin `id` is ready and subscribed to `ty`.
+    pub fn is_subscribed(&self, id: &str, ty: EventType) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.cfg.id == id && s.is_ready() && s.subscribed.contains(ty as i32))
+    }
+
     /// The hello plugin `id` sent.
     pub fn hello_of(&self, id: &str) -> Option<&proto::PluginHello> {
-        self.slots.iter().find(|s| s.cfg.id == id).and_then(|s| s.hello.as_ref())
+        self.slots
+            .iter()
+            .find(|s| s.cfg.id == id)
+            .and_then(|s| s.hello.as_ref())
     }
 
     /// Waits (polling) until every plugin is ready or `timeout` passes; returns whether all are.
@@ -424,7 +466,10 @@ impl Host {
     /// Starts a tick. Publish moves and events on the returned [`Tick`], then end it (or drop it).
     pub fn begin_tick(&mut self) -> Tick<'_> {
         self.tick += 1;
-        Tick { host: self, ended: false }
+        Tick {
+            host: self,
+            ended: false,
+        }
     }
 
     /// Routes one fire-and-forget event. Filtered by subscription before any encoding; batched
@@ -441,7 +486,10 @@ impl Host {
     }
 
     fn route(&mut self, env: &mut EventEnvelope, respond: bool) -> u64 {
-        let ty = env.payload.as_ref().map_or(env.r#type, |p| p.event_type() as i32);
+        let ty = env
+            .payload
+            .as_ref()
+            .map_or(env.r#type, |p| p.event_type() as i32);
         env.r#type = ty;
         let t = (ty as usize).min(127);
         self.stats.offered[t] += 1;
@@ -458,6 +506,7 @@ impl Host {
                         targets: self.target_pool.pop().unwrap_or_default(),
                         dispatched: now,
                         timeout_at: now,
+                        completed: Some(now),
                     },
                 );
             }
@@ -470,7 +519,10 @@ impl Host {
             || env.immediate
             || matches!(
                 EventType::try_from(ty),
-                Ok(EventType::PlayerJoin | EventType::PlayerQuit | EventType::Chat | EventType::Command)
+                Ok(EventType::PlayerJoin
+                    | EventType::PlayerQuit
+                    | EventType::Chat
+                    | EventType::Command)
             );
         let encode_started = Instant::now();
         // Encode once for every plugin, except an immediate event for a single plugin, which is
@@ -480,7 +532,11 @@ impl Host {
             crate::codec::encode_body(env, &mut self.scratch);
         }
         self.stats.encoded += 1;
-        let mut targets = if respond { self.target_pool.pop().unwrap_or_default() } else { Vec::new() };
+        let mut targets = if respond {
+            self.target_pool.pop().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let overflow_limit = self.settings.overflow_frames;
         let mut failed: Vec<(usize, String)> = Vec::new();
         for k in 0..n_targets {
@@ -501,10 +557,15 @@ impl Host {
                 s.ring_if_dirty();
             }
             if respond {
-                targets.push(Target { slot: i, result: None });
+                targets.push(Target {
+                    slot: i,
+                    result: None,
+                });
             }
         }
-        self.stats.encode_ns.record(encode_started.elapsed().as_nanos() as u64);
+        self.stats
+            .encode_ns
+            .record(encode_started.elapsed().as_nanos() as u64);
         if respond {
             let now = Instant::now();
             self.pending.insert(
@@ -513,6 +574,7 @@ impl Host {
                     targets,
                     dispatched: now,
                     timeout_at: now + self.settings.response_timeout(),
+                    completed: None,
                 },
             );
         }
@@ -561,7 +623,9 @@ impl Host {
             self.disconnect(i, reason, true, Instant::now());
         }
         self.stats.ticks += 1;
-        self.stats.end_tick_ns.record(started.elapsed().as_nanos() as u64);
+        self.stats
+            .end_tick_ns
+            .record(started.elapsed().as_nanos() as u64);
         self.poll();
     }
 
@@ -570,6 +634,19 @@ impl Host {
     pub fn poll(&mut self) {
         while let Ok(exit) = self.supervisor.exits.try_recv() {
             self.on_exit(exit);
+        }
+        if !self.retiring.is_empty() {
+            let now = Instant::now();
+            self.retiring
+                .retain_mut(|(child, kill_at)| match child.try_wait() {
+                    Ok(None) if now < *kill_at => true,
+                    Ok(None) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        false
+                    }
+                    Ok(Some(_)) | Err(_) => false,
+                });
         }
         for i in 0..self.slots.len() {
             self.read_replies(i);
@@ -584,10 +661,15 @@ impl Host {
     }
 
     fn read_replies(&mut self, i: usize) {
-        if !matches!(self.slots[i].state, SlotState::Ready | SlotState::Connecting) {
+        if !matches!(
+            self.slots[i].state,
+            SlotState::Ready | SlotState::Connecting
+        ) {
             return;
         }
-        let Some(link) = self.slots[i].link.as_mut() else { return };
+        let Some(link) = self.slots[i].link.as_mut() else {
+            return;
+        };
         let pool = &mut self.pool;
         let inbox = &mut self.inbox;
         // Copy out of shared memory first: a plugin could rewrite bytes we are decoding.
@@ -598,14 +680,22 @@ impl Host {
         });
         let mut inbox = std::mem::take(&mut self.inbox);
         for buf in inbox.drain(..) {
-            if matches!(self.slots[i].state, SlotState::Ready | SlotState::Connecting) {
+            if matches!(
+                self.slots[i].state,
+                SlotState::Ready | SlotState::Connecting
+            ) {
                 self.on_message(i, &buf);
             }
             self.pool.give(buf);
         }
         self.inbox = inbox;
         if let Err(e) = r {
-            self.disconnect(i, format!("protocol violation on the replies ring: {e}"), true, Instant::now());
+            self.disconnect(
+                i,
+                format!("protocol violation on the replies ring: {e}"),
+                true,
+                Instant::now(),
+            );
         }
     }
 
@@ -613,11 +703,18 @@ impl Host {
         let msg = match self.decoder.decode_mut(bytes) {
             Ok(m) => m,
             Err(e) => {
-                self.disconnect(i, format!("malformed PluginToHost message: {e}"), true, Instant::now());
+                self.disconnect(
+                    i,
+                    format!("malformed PluginToHost message: {e}"),
+                    true,
+                    Instant::now(),
+                );
                 return;
             }
         };
-        let Some(payload) = msg.payload.as_mut() else { return };
+        let Some(payload) = msg.payload.as_mut() else {
+            return;
+        };
         match payload {
             plugin_to_host::Payload::Hello(hello) => {
                 let hello = std::mem::take(hello);
@@ -648,10 +745,18 @@ impl Host {
             plugin_to_host::Payload::Log(log) => {
                 let id = &self.slots[i].cfg.id;
                 match log.level.to_ascii_lowercase().as_str() {
-                    "error" => tracing::error!(target: "plugbus::plugin", plugin = %id, "{}", log.message),
-                    "warn" | "warning" => tracing::warn!(target: "plugbus::plugin", plugin = %id, "{}", log.message),
-                    "debug" => tracing::debug!(target: "plugbus::plugin", plugin = %id, "{}", log.message),
-                    "trace" => tracing::trace!(target: "plugbus::plugin", plugin = %id, "{}", log.message),
+                    "error" => {
+                        tracing::error!(target: "plugbus::plugin", plugin = %id, "{}", log.message)
+                    }
+                    "warn" | "warning" => {
+                        tracing::warn!(target: "plugbus::plugin", plugin = %id, "{}", log.message)
+                    }
+                    "debug" => {
+                        tracing::debug!(target: "plugbus::plugin", plugin = %id, "{}", log.message)
+                    }
+                    "trace" => {
+                        tracing::trace!(target: "plugbus::plugin", plugin = %id, "{}", log.message)
+                    }
                     _ => tracing::info!(target: "plugbus::plugin", plugin = %id, "{}", log.message),
                 }
             }
@@ -659,7 +764,9 @@ impl Host {
                 let plugins = self.slots.iter().map(|s| s.cfg.id.clone()).collect();
                 let reply = HostToPlugin {
                     plugin_id: self.slots[i].cfg.id.clone(),
-                    payload: Some(host_to_plugin::Payload::ServerInfo(proto::ServerInformationResponse { plugins })),
+                    payload: Some(host_to_plugin::Payload::ServerInfo(
+                        proto::ServerInformationResponse { plugins },
+                    )),
                 };
                 self.send_control(i, &reply);
             }
@@ -679,7 +786,10 @@ impl Host {
                 proto::API_VERSION
             ))
         } else if !plugin_id.is_empty() && plugin_id != s.cfg.id {
-            Some(format!("plugin id {plugin_id:?} does not match the configured id {:?}", s.cfg.id))
+            Some(format!(
+                "plugin id {plugin_id:?} does not match the configured id {:?}",
+                s.cfg.id
+            ))
         } else {
             None
         };
@@ -687,6 +797,11 @@ impl Host {
             tracing::error!(plugin = %s.cfg.id, "handshake refused: {reason}");
             let msg = shutdown_message(&s.cfg.id, &format!("handshake refused: {reason}"));
             self.send_control(i, &msg);
+            // Not killed at once: the process reads why and exits by itself (see `retiring`).
+            if let Some(child) = self.slots[i].child.take() {
+                self.retiring
+                    .push((child, Instant::now() + self.settings.shutdown_grace()));
+            }
             self.disable(i, format!("handshake refused: {reason}"));
             return;
         }
@@ -711,15 +826,27 @@ impl Host {
 
     fn on_result(&mut self, i: usize, r: EventResult) {
         let now = Instant::now();
-        let Some(p) = r.event_id.parse::<u64>().ok().and_then(|id| self.pending.get_mut(&id)) else {
+        let Some(p) = r
+            .event_id
+            .parse::<u64>()
+            .ok()
+            .and_then(|id| self.pending.get_mut(&id))
+        else {
             tracing::debug!(plugin = %self.slots[i].cfg.id, event = %r.event_id, "result for an event no longer pending");
             return;
         };
-        let Some(t) = p.targets.iter_mut().find(|t| t.slot == i && t.result.is_none()) else {
+        let Some(t) = p
+            .targets
+            .iter_mut()
+            .find(|t| t.slot == i && t.result.is_none())
+        else {
             return;
         };
         let latency = now.duration_since(p.dispatched);
         t.result = Some(r);
+        if p.targets.iter().all(|t| t.result.is_some()) {
+            p.completed = Some(now);
+        }
         let s = &mut self.slots[i];
         s.stats.replies += 1;
         s.stats.reply_latency_ns.record(latency.as_nanos() as u64);
@@ -775,16 +902,17 @@ impl Host {
         }
         let Some(link) = s.link.as_mut() else { return };
         let peer = link.peer();
-        if s.cfg.attach {
-            // Launched plugins are watched by the supervisor; attached ones by pid and heartbeat.
-            let stale = peer.heartbeat_age_ns > self.settings.heartbeat_timeout_ms * 1_000_000;
-            if (peer.pid != 0 && !peer.alive) || (stale && !peer.alive) {
+        let stale = peer.heartbeat_age_ns > self.settings.heartbeat_timeout_ms * 1_000_000;
+        if s.cfg.attach && (stale || s.last_pid_check.elapsed() >= Duration::from_millis(200)) {
+            // Launched plugins are watched by the supervisor; attached ones by pid (a /proc
+            // read, so at most every 200 ms) and heartbeat.
+            s.last_pid_check = now;
+            if !link.peer_alive() {
                 let reason = format!("attached process {} died", peer.pid);
                 self.disconnect(i, reason, true, now);
                 return;
             }
         }
-        let stale = peer.heartbeat_age_ns > self.settings.heartbeat_timeout_ms * 1_000_000;
         let occupancy = link.occupancy().unwrap_or_default();
         let fill = occupancy.moves.max(occupancy.control);
         let slow_now = stale || fill > self.settings.slow_occupancy;
@@ -806,7 +934,9 @@ impl Host {
     }
 
     fn on_exit(&mut self, exit: launch::Exited) {
-        let Some(s) = self.slots.get_mut(exit.slot) else { return };
+        let Some(s) = self.slots.get_mut(exit.slot) else {
+            return;
+        };
         if s.generation != exit.generation {
             return;
         }
@@ -833,7 +963,10 @@ impl Host {
         }
         let undelivered = s.undelivered();
         tracing::error!(plugin = %s.cfg.id, undelivered, "plugin disconnected: {reason}");
-        *s.stats.disconnects.entry(short_reason(&reason)).or_default() += 1;
+        *s.stats
+            .disconnects
+            .entry(short_reason(&reason))
+            .or_default() += 1;
         if let Some(link) = s.link.as_mut() {
             let _ = link.try_send_message(&shutdown_message(&s.cfg.id, &reason));
             link.signal_shutdown();
@@ -880,7 +1013,11 @@ impl Host {
             }
             return;
         }
-        while s.restarts.front().is_some_and(|t| now.duration_since(*t) > window) {
+        while s
+            .restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
             s.restarts.pop_front();
         }
         if s.restarts.len() >= self.settings.restart_max as usize {
@@ -952,23 +1089,25 @@ impl Host {
 
     fn try_finish(&mut self, id: u64, now: Instant, force: bool) -> Option<Outcome> {
         let p = self.pending.get(&id)?;
-        let all = p.targets.iter().all(|t| {
-            t.result.is_some() || !self.slots[t.slot].is_ready()
-        });
+        let all = p
+            .targets
+            .iter()
+            .all(|t| t.result.is_some() || !self.slots[t.slot].is_ready());
         if !(all || force || now >= p.timeout_at) {
             return None;
         }
         let mut p = self.pending.remove(&id)?;
         let mut outcome = Outcome {
             event_id: id,
-            elapsed: now.duration_since(p.dispatched),
+            elapsed: p.completed.unwrap_or(now).duration_since(p.dispatched),
             ..Default::default()
         };
-        p.targets
-            .sort_by(|a, b| {
-                let (sa, sb) = (&self.slots[a.slot].cfg, &self.slots[b.slot].cfg);
-                sa.priority.cmp(&sb.priority).then_with(|| sa.id.cmp(&sb.id))
-            });
+        p.targets.sort_by(|a, b| {
+            let (sa, sb) = (&self.slots[a.slot].cfg, &self.slots[b.slot].cfg);
+            sa.priority
+                .cmp(&sb.priority)
+                .then_with(|| sa.id.cmp(&sb.id))
+        });
         let mut merged = EventResult::default();
         for t in p.targets.drain(..) {
             let s = &mut self.slots[t.slot];
@@ -994,7 +1133,11 @@ impl Host {
                 }
             }
         }
-        outcome.mutation = if outcome.cancelled { None } else { merged.update };
+        outcome.mutation = if outcome.cancelled {
+            None
+        } else {
+            merged.update
+        };
         self.target_pool.push(p.targets);
         Some(outcome)
     }
@@ -1011,7 +1154,11 @@ impl Host {
 
     /// Sends the result of an action back to the plugin that asked (by its `correlation_id`).
     pub fn send_action_result(&mut self, plugin: &str, result: ActionResult) -> bool {
-        let Some(i) = self.slots.iter().position(|s| s.cfg.id == plugin && s.is_ready()) else {
+        let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| s.cfg.id == plugin && s.is_ready())
+        else {
             return false;
         };
         let msg = HostToPlugin {
@@ -1026,7 +1173,11 @@ impl Host {
     pub fn metrics(&self) -> MetricsSnapshot {
         MetricsSnapshot {
             host: self.stats.clone(),
-            plugins: self.slots.iter().map(|s| (s.cfg.id.clone(), s.stats.clone())).collect(),
+            plugins: self
+                .slots
+                .iter()
+                .map(|s| (s.cfg.id.clone(), s.stats.clone()))
+                .collect(),
             pool: self.pool.stats(),
         }
     }
@@ -1062,6 +1213,9 @@ impl Host {
                     }
                 }
             }
+            self.retiring
+                .retain_mut(|(c, _)| matches!(c.try_wait(), Ok(None)));
+            running += self.retiring.len();
             if running == 0 || Instant::now() >= deadline {
                 break;
             }
@@ -1078,6 +1232,10 @@ impl Host {
             if matches!(s.state, SlotState::Ready | SlotState::Connecting) {
                 s.state = SlotState::Disconnected(format!("host shutdown: {reason}"));
             }
+        }
+        for (mut c, _) in self.retiring.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }

@@ -88,6 +88,7 @@ pub(crate) struct Slot {
     pub restarts: VecDeque<Instant>,
     pub stats: PluginStats,
     pub slow: bool,
+    pub last_pid_check: Instant,
 }
 
 impl Slot {
@@ -111,6 +112,7 @@ impl Slot {
             restarts: VecDeque::new(),
             stats: PluginStats::default(),
             slow: false,
+            last_pid_check: Instant::now(),
         }
     }
 
@@ -165,9 +167,17 @@ impl Slot {
     }
 
     /// Writes the gathered batch (after any overflow, to keep order). Never blocks.
-    pub fn flush_batch(&mut self, pool: &mut BufferPool, limit: usize) -> Result<SendOutcome, LinkError> {
+    pub fn flush_batch(
+        &mut self,
+        pool: &mut BufferPool,
+        limit: usize,
+    ) -> Result<SendOutcome, LinkError> {
         if self.batch.is_empty() {
-            return Ok(if self.drain_overflow(pool)? { SendOutcome::Sent } else { SendOutcome::Queued });
+            return Ok(if self.drain_overflow(pool)? {
+                SendOutcome::Sent
+            } else {
+                SendOutcome::Queued
+            });
         }
         let events = self.batch.len() as u32;
         if self.drain_overflow(pool)? {
@@ -241,7 +251,11 @@ impl Slot {
         let mut buf = pool.take();
         match body {
             Some(b) => {
-                encode_key(codec::HOST_TO_PLUGIN_EVENT, WireType::LengthDelimited, &mut buf);
+                encode_key(
+                    codec::HOST_TO_PLUGIN_EVENT,
+                    WireType::LengthDelimited,
+                    &mut buf,
+                );
                 encode_varint(b.len() as u64, &mut buf);
                 buf.extend_from_slice(b);
             }

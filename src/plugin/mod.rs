@@ -37,8 +37,8 @@ use crate::codec::{DecodeError, HostDecoder, HostMessage};
 use crate::fastpath::MoveRecord;
 use crate::host::{ENV_PLUGIN_ID, ENV_SEGMENT};
 use crate::proto::{
-    self, ActionResult, CommandSpec, EventEnvelope, EventSubscribe, EventType, HostHello, PluginHello, host_to_plugin,
-    plugin_to_host,
+    self, ActionResult, CommandSpec, EventEnvelope, EventSubscribe, EventType, HostHello,
+    PluginHello, host_to_plugin, plugin_to_host,
 };
 use crate::segment::SegmentOpenError;
 use crate::transport::shm::ShmPluginLink;
@@ -63,7 +63,12 @@ pub trait Handler {
     }
     /// One event with its encoded `EventEnvelope` bytes (valid during the call). The default
     /// calls [`Handler::on_event`]; override it to hand the bytes on (the C API does).
-    fn on_event_bytes(&mut self, ctx: &mut Context<'_>, event: &EventEnvelope, bytes: &[u8]) -> Reply {
+    fn on_event_bytes(
+        &mut self,
+        ctx: &mut Context<'_>,
+        event: &EventEnvelope,
+        bytes: &[u8],
+    ) -> Reply {
         let _ = bytes;
         self.on_event(ctx, event)
     }
@@ -105,7 +110,9 @@ impl std::str::FromStr for WaitStrategy {
             "spin" => Ok(Self::Spin),
             "park" => Ok(Self::Park),
             "spin-then-park" | "default" => Ok(Self::default()),
-            _ => Err(format!("unknown wait strategy {s:?} (spin, park, spin-then-park)")),
+            _ => Err(format!(
+                "unknown wait strategy {s:?} (spin, park, spin-then-park)"
+            )),
         }
     }
 }
@@ -114,7 +121,9 @@ impl std::str::FromStr for WaitStrategy {
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     /// A required environment variable is missing.
-    #[error("{0} is not set: start this plugin from a plugbus host, or set it to the segment name the host printed")]
+    #[error(
+        "{0} is not set: start this plugin from a plugbus host, or set it to the segment name the host printed"
+    )]
     MissingEnv(&'static str),
     /// The segment could not be opened (wrong layout version, not found, ...).
     #[error("cannot attach: {0}")]
@@ -255,7 +264,8 @@ impl<L: PluginLink> std::fmt::Debug for Plugin<L> {
 impl Plugin {
     /// A builder from `PLUGBUS_SEGMENT` and `PLUGBUS_PLUGIN_ID` (set by the host).
     pub fn from_env() -> Result<PluginBuilder, PluginError> {
-        let segment = std::env::var(ENV_SEGMENT).map_err(|_| PluginError::MissingEnv(ENV_SEGMENT))?;
+        let segment =
+            std::env::var(ENV_SEGMENT).map_err(|_| PluginError::MissingEnv(ENV_SEGMENT))?;
         let plugin_id = std::env::var(ENV_PLUGIN_ID)
             .or_else(|_| std::env::var(crate::host::ENV_DF_PLUGIN_ID))
             .map_err(|_| PluginError::MissingEnv(ENV_PLUGIN_ID))?;
@@ -297,13 +307,19 @@ impl<L: PluginLink> Plugin<L> {
             last_idle: Instant::now(),
         };
         p.link.heartbeat();
+        // Subscriptions before the hello: the host marks the plugin ready on its hello, and it
+        // must route to it from then on (`Host::start` returns once required plugins said hello).
+        p.out
+            .push(plugin_to_host::Payload::Subscribe(EventSubscribe {
+                events: b.subscriptions.iter().map(|e| *e as i32).collect(),
+            }));
         p.out.push(plugin_to_host::Payload::Hello(b.hello));
-        p.out.push(plugin_to_host::Payload::Subscribe(EventSubscribe {
-            events: b.subscriptions.iter().map(|e| *e as i32).collect(),
-        }));
         p.flush()?;
         let deadline = Instant::now() + b.hello_timeout;
         loop {
+            // The state is read before the ring: a host that refuses writes its reason, then
+            // marks the segment shutting down, so a refusal seen here is in the ring below.
+            let state = p.link.host_state();
             let mut got: Option<Result<HostHello, String>> = None;
             let decoder = &mut p.decoder;
             let mut err = None;
@@ -312,7 +328,9 @@ impl<L: PluginLink> Plugin<L> {
                     let r = decoder.decode(bytes, |m| match m {
                         HostMessage::Other(msg) => match &msg.payload {
                             Some(host_to_plugin::Payload::Hello(h)) => got = Some(Ok(h.clone())),
-                            Some(host_to_plugin::Payload::Shutdown(s)) => got = Some(Err(s.reason.clone())),
+                            Some(host_to_plugin::Payload::Shutdown(s)) => {
+                                got = Some(Err(s.reason.clone()))
+                            }
                             _ => {}
                         },
                         HostMessage::Event(_) => {}
@@ -333,9 +351,15 @@ impl<L: PluginLink> Plugin<L> {
                 Some(Err(reason)) => return Err(PluginError::Refused(reason)),
                 None => {}
             }
-            match p.link.host_state() {
-                HostState::Dead => return Err(PluginError::HostDied { pid: p.link.host_pid() }),
-                HostState::ShuttingDown => return Err(PluginError::Refused("host is shutting down".into())),
+            match state {
+                HostState::Dead => {
+                    return Err(PluginError::HostDied {
+                        pid: p.link.host_pid(),
+                    });
+                }
+                HostState::ShuttingDown => {
+                    return Err(PluginError::Refused("host is shutting down".into()));
+                }
                 HostState::Running => {}
             }
             if Instant::now() >= deadline {
@@ -436,7 +460,9 @@ impl<L: PluginLink> Plugin<L> {
                         }
                     }
                     HostMessage::Other(msg) => match &msg.payload {
-                        Some(host_to_plugin::Payload::Shutdown(s)) => *shutdown = Some(s.reason.clone()),
+                        Some(host_to_plugin::Payload::Shutdown(s)) => {
+                            *shutdown = Some(s.reason.clone())
+                        }
                         Some(host_to_plugin::Payload::ActionResult(r)) => {
                             let cb = queries.remove(&r.correlation_id);
                             let mut ctx = Context {
@@ -466,7 +492,8 @@ impl<L: PluginLink> Plugin<L> {
             self.last_beat = now;
             self.link.heartbeat();
             let c = self.counters;
-            self.link.publish_counters(c.events, c.move_frames, c.replies);
+            self.link
+                .publish_counters(c.events, c.move_frames, c.replies);
         }
         Ok(n)
     }
@@ -480,7 +507,6 @@ impl<L: PluginLink> Plugin<L> {
             handler.on_start(&mut ctx, &hello);
         }
         let mut idle_since: Option<Instant> = None;
-        let mut spins = 0u32;
         loop {
             let n = self.poll(handler)?;
             if let Some(reason) = self.shutdown.clone() {
@@ -494,34 +520,36 @@ impl<L: PluginLink> Plugin<L> {
             }
             let now = Instant::now();
             let since = *idle_since.get_or_insert(now);
-            spins = spins.wrapping_add(1);
             // Timers, host liveness and heartbeats: about every 100 ms, whatever the strategy.
-            if spins % 1024 == 0 || self.wait != WaitStrategy::Spin {
-                if now.duration_since(self.last_idle) >= BEAT_EVERY {
-                    self.last_idle = now;
-                    let mut ctx = self.context();
-                    handler.on_idle(&mut ctx);
-                    self.flush()?;
-                    match self.link.host_state() {
-                        HostState::Dead => {
-                            return Err(PluginError::HostDied {
-                                pid: self.link.host_pid(),
-                            });
-                        }
-                        HostState::ShuttingDown => {
-                            // The HostShutdown message may already be in the ring: one more poll.
-                            self.poll(handler)?;
-                            let reason = self.shutdown.clone().unwrap_or_else(|| "host shutting down".into());
-                            handler.on_shutdown(&reason);
-                            return Ok(());
-                        }
-                        HostState::Running => {}
+            if now.duration_since(self.last_idle) >= BEAT_EVERY {
+                self.last_idle = now;
+                let mut ctx = self.context();
+                handler.on_idle(&mut ctx);
+                self.flush()?;
+                match self.link.host_state() {
+                    HostState::Dead => {
+                        return Err(PluginError::HostDied {
+                            pid: self.link.host_pid(),
+                        });
                     }
+                    HostState::ShuttingDown => {
+                        // The HostShutdown message may already be in the ring: one more poll.
+                        self.poll(handler)?;
+                        let reason = self
+                            .shutdown
+                            .clone()
+                            .unwrap_or_else(|| "host shutting down".into());
+                        handler.on_shutdown(&reason);
+                        return Ok(());
+                    }
+                    HostState::Running => {}
                 }
             }
             match self.wait {
                 WaitStrategy::Spin => crate::sync::spin_loop(),
-                WaitStrategy::SpinThenPark(d) if now.duration_since(since) < d => crate::sync::spin_loop(),
+                WaitStrategy::SpinThenPark(d) if now.duration_since(since) < d => {
+                    crate::sync::spin_loop()
+                }
                 WaitStrategy::SpinThenPark(_) | WaitStrategy::Park => self.link.park(BEAT_EVERY)?,
             }
         }

@@ -80,10 +80,14 @@ impl RingSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum SegmentCreateError {
     /// The name lacks the prefix, is too long, or has characters other than `[A-Za-z0-9._-]`.
-    #[error("invalid segment name {0:?}: it must start with \"plugbus.\", be at most 200 characters, and use only A-Z a-z 0-9 . _ -")]
+    #[error(
+        "invalid segment name {0:?}: it must start with \"plugbus.\", be at most 200 characters, and use only A-Z a-z 0-9 . _ -"
+    )]
     InvalidName(String),
     /// A segment of that name already exists (`O_EXCL`).
-    #[error("segment {0:?} already exists; pick another name or remove it (plugbus cleanup removes stale ones)")]
+    #[error(
+        "segment {0:?} already exists; pick another name or remove it (plugbus cleanup removes stale ones)"
+    )]
     AlreadyExists(String),
     /// A ring spec is unusable.
     #[error("ring {index}: {reason}")]
@@ -115,7 +119,9 @@ pub enum SegmentOpenError {
     #[error("invalid segment name {0:?}")]
     InvalidName(String),
     /// The magic number is wrong: not a plugbus segment, or its creator has not finished.
-    #[error("segment {name:?} is not a plugbus segment (magic {found:#018x}), or is still being created")]
+    #[error(
+        "segment {name:?} is not a plugbus segment (magic {found:#018x}), or is still being created"
+    )]
     NotPlugbus {
         /// The segment.
         name: String,
@@ -123,7 +129,9 @@ pub enum SegmentOpenError {
         found: u64,
     },
     /// Made by an incompatible plugbus.
-    #[error("segment {name:?} has layout version {found}; this plugbus supports version {expected}")]
+    #[error(
+        "segment {name:?} has layout version {found}; this plugbus supports version {expected}"
+    )]
     WrongVersion {
         /// The segment.
         name: String,
@@ -225,7 +233,13 @@ pub fn unique_name(tag: &str) -> String {
     };
     let tag: String = tag
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(64)
         .collect();
     format!("{PREFIX}{}.{tag}.{n}", std::process::id())
@@ -233,7 +247,10 @@ pub fn unique_name(tag: &str) -> String {
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock heartbeats use (the same in every process).
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -266,8 +283,12 @@ impl Segment {
             if unit == 0 || unit as usize > 1 << 20 {
                 return Err(bad("record size must be between 1 byte and 1 MiB"));
             }
-            if !spec.capacity.is_power_of_two() || (spec.kind == RingKind::Frame && spec.capacity < 64) {
-                return Err(bad("capacity must be a power of two (at least 64 bytes for frames)"));
+            if !spec.capacity.is_power_of_two()
+                || (spec.kind == RingKind::Frame && spec.capacity < 64)
+            {
+                return Err(bad(
+                    "capacity must be a power of two (at least 64 bytes for frames)",
+                ));
             }
             let spec = RingSpec { unit, ..*spec };
             let len = spec
@@ -302,8 +323,12 @@ impl Segment {
             let _ = shm::unlink(name);
             e
         };
-        file.set_len(size).map_err(os("ftruncate")).map_err(cleanup)?;
-        let map = MmapRaw::map_raw(&file).map_err(os("mmap")).map_err(cleanup)?;
+        file.set_len(size)
+            .map_err(os("ftruncate"))
+            .map_err(cleanup)?;
+        let map = MmapRaw::map_raw(&file)
+            .map_err(os("mmap"))
+            .map_err(cleanup)?;
         let seg = Self {
             name: name.to_owned(),
             map: Arc::new(Mapping(map)),
@@ -351,8 +376,13 @@ impl Segment {
             let region = seg.ring_region(i).expect("ring descriptor just computed");
             crate::ring::init(&region).expect("segment rings are page-aligned and sized");
         }
-        seg.header().creator_heartbeat.store(monotonic_ns(), Ordering::Relaxed);
-        seg.header().shared.state.store(header::STATE_READY, Ordering::Relaxed);
+        seg.header()
+            .creator_heartbeat
+            .store(monotonic_ns(), Ordering::Relaxed);
+        seg.header()
+            .shared
+            .state
+            .store(header::STATE_READY, Ordering::Relaxed);
         // Release: pairs with the Acquire load of `magic` in `open`/`peek`: an opener that sees
         // the magic sees the whole header and initialized rings.
         seg.header().fixed.magic.store(MAGIC, Ordering::Release);
@@ -374,16 +404,22 @@ impl Segment {
                 });
             }
             // AcqRel: pairs with another attacher's CAS, so exactly one wins.
-            match shared
-                .attacher_pid
-                .compare_exchange(current, me, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match shared.attacher_pid.compare_exchange(
+                current,
+                me,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => break,
                 Err(now) => current = now,
             }
         }
-        seg.header().attacher_heartbeat.store(monotonic_ns(), Ordering::Relaxed);
-        shared.state.store(header::STATE_ATTACHED, Ordering::Release);
+        seg.header()
+            .attacher_heartbeat
+            .store(monotonic_ns(), Ordering::Relaxed);
+        shared
+            .state
+            .store(header::STATE_ATTACHED, Ordering::Release);
         seg.attached = true;
         Ok(seg)
     }
@@ -472,6 +508,41 @@ impl Segment {
         // through the ring protocol and header atomics.
         let whole = unsafe { RegionRef::from_raw_parts(base, self.map.0.len(), owner) };
         whole.slice(d.offset as usize, len as usize)
+    }
+
+    /// The region of ring `index`, checked to be a frame ring.
+    pub fn frame_region(&self, index: usize) -> Result<RegionRef, SegmentOpenError> {
+        self.typed_region(index, RingKind::Frame, 8)
+    }
+
+    /// The region of ring `index`, checked to be a record ring of `T` (its record size must be
+    /// `size_of::<T>()`, so a reader never misreads another layout).
+    pub fn record_region<T>(&self, index: usize) -> Result<RegionRef, SegmentOpenError> {
+        self.typed_region(index, RingKind::Record, std::mem::size_of::<T>() as u32)
+    }
+
+    fn typed_region(
+        &self,
+        index: usize,
+        kind: RingKind,
+        unit: u32,
+    ) -> Result<RegionRef, SegmentOpenError> {
+        let corrupt = |reason: String| SegmentOpenError::Corrupt {
+            name: self.name.clone(),
+            reason,
+        };
+        let d = self
+            .rings
+            .get(index)
+            .ok_or_else(|| corrupt(format!("no ring {index} ({} rings)", self.rings.len())))?;
+        if d.kind != kind as u32 || d.unit != unit {
+            return Err(corrupt(format!(
+                "ring {index} is kind {} with {}-byte units, expected kind {} with {unit}-byte units",
+                d.kind, d.unit, kind as u32
+            )));
+        }
+        self.ring_region(index)
+            .ok_or_else(|| corrupt(format!("ring {index} does not fit the mapping")))
     }
 
     /// Publishes this side's heartbeat (now).
@@ -598,11 +669,17 @@ fn validate(h: &Header, name: &str, actual: u64) -> Result<Vec<RingDesc>, Segmen
         if d.unit == 0 || (kind == RingKind::Frame && d.unit != 8) {
             return Err(corrupt(format!("ring {i} has unit {}", d.unit)));
         }
-        if !d.capacity.is_power_of_two() {
-            return Err(corrupt(format!("ring {i} capacity {} is not a power of two", d.capacity)));
+        if !d.capacity.is_power_of_two() || (kind == RingKind::Frame && d.capacity < 64) {
+            return Err(corrupt(format!(
+                "ring {i} capacity {} is not a power of two (at least 64 for frames)",
+                d.capacity
+            )));
         }
         if d.offset % LINE as u64 != 0 || d.offset < std::mem::size_of::<Header>() as u64 {
-            return Err(corrupt(format!("ring {i} offset {} is misplaced", d.offset)));
+            return Err(corrupt(format!(
+                "ring {i} offset {} is misplaced",
+                d.offset
+            )));
         }
         let end = d
             .capacity
@@ -626,7 +703,10 @@ fn validate(h: &Header, name: &str, actual: u64) -> Result<Vec<RingDesc>, Segmen
     for w in sorted.windows(2) {
         let end = w[0].offset + w[0].capacity * u64::from(w[0].unit) + CONTROL_SIZE as u64;
         if end > w[1].offset {
-            return Err(corrupt(format!("rings at {} and {} overlap", w[0].offset, w[1].offset)));
+            return Err(corrupt(format!(
+                "rings at {} and {} overlap",
+                w[0].offset, w[1].offset
+            )));
         }
     }
     rings.shrink_to_fit();

@@ -60,15 +60,13 @@ pub struct Occupancy {
     pub control: f64,
 }
 
-/// The peer's liveness as the link sees it.
+/// The peer's liveness as the link sees it (cheap: no system call).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerHealth {
     /// Nanoseconds since the peer's last heartbeat (`u64::MAX` if it never beat).
     pub heartbeat_age_ns: u64,
     /// The peer's process id, if known (0 if not).
     pub pid: u32,
-    /// Whether that process is alive (`true` when the transport cannot tell).
-    pub alive: bool,
 }
 
 /// Counters the host publishes through a link, for `plugbus inspect`.
@@ -90,7 +88,12 @@ pub struct LinkCounters {
 /// "no room now" and the caller keeps the data (conflation, overflow queue).
 pub trait HostLink: Send {
     /// Sends a tick's moves (one frame, or several if they exceed a frame), all or nothing.
-    fn try_send_moves(&mut self, tick: u64, flags: u32, moves: &[MoveRecord]) -> Result<bool, LinkError>;
+    fn try_send_moves(
+        &mut self,
+        tick: u64,
+        flags: u32,
+        moves: &[MoveRecord],
+    ) -> Result<bool, LinkError>;
     /// Sends one event, encoded in place (`HostToPlugin { event }`).
     fn try_send_event(&mut self, env: &EventEnvelope) -> Result<bool, LinkError>;
     /// Sends one event already encoded (`body` = the envelope's encoding).
@@ -108,8 +111,11 @@ pub trait HostLink: Send {
     fn wake(&mut self) -> bool;
     /// Publishes the host's heartbeat.
     fn heartbeat(&mut self);
-    /// The plugin's liveness.
+    /// The plugin's heartbeat and pid.
     fn peer(&self) -> PeerHealth;
+    /// Whether the plugin's process is alive (may read /proc: call it only when needed;
+    /// `true` when the transport cannot tell).
+    fn peer_alive(&self) -> bool;
     /// Fill of the outbound queues.
     fn occupancy(&mut self) -> Result<Occupancy, LinkError>;
     /// Tells the plugin the host is shutting down (besides the `HostShutdown` message).

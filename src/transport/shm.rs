@@ -14,7 +14,9 @@ use crate::segment::header::{STATE_DETACHED, STATE_SHUTDOWN};
 use crate::segment::{self, RingSpec, Segment, SegmentCreateError, SegmentOpenError, stale};
 use crate::sync::Ordering;
 
-use super::{HostLink, HostState, Incoming, LinkCounters, LinkError, Occupancy, PeerHealth, PluginLink};
+use super::{
+    HostLink, HostState, Incoming, LinkCounters, LinkError, Occupancy, PeerHealth, PluginLink,
+};
 
 /// Ring index of the moves ring.
 pub const RING_MOVES: usize = 0;
@@ -85,13 +87,19 @@ pub struct ShmHostLink {
 
 impl std::fmt::Debug for ShmHostLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShmHostLink").field("segment", &self.segment.name()).finish()
+        f.debug_struct("ShmHostLink")
+            .field("segment", &self.segment.name())
+            .finish()
     }
 }
 
 impl ShmHostLink {
     /// Creates the segment `name` for plugin `plugin_id` and attaches the host's ends.
-    pub fn create(name: &str, plugin_id: &str, sizes: &RingSizes) -> Result<Self, SegmentCreateError> {
+    pub fn create(
+        name: &str,
+        plugin_id: &str,
+        sizes: &RingSizes,
+    ) -> Result<Self, SegmentCreateError> {
         let segment = Segment::create(name, plugin_id, &sizes.specs())?;
         let ring = |i| segment.ring_region(i).expect("segment has three rings");
         let bad = |e: crate::ring::RingLayoutError| SegmentCreateError::BadRing {
@@ -113,7 +121,12 @@ impl ShmHostLink {
 }
 
 impl HostLink for ShmHostLink {
-    fn try_send_moves(&mut self, tick: u64, flags: u32, moves: &[MoveRecord]) -> Result<bool, LinkError> {
+    fn try_send_moves(
+        &mut self,
+        tick: u64,
+        flags: u32,
+        moves: &[MoveRecord],
+    ) -> Result<bool, LinkError> {
         match fastpath::write_frame(&mut self.moves, tick, flags, moves) {
             Ok(_) => Ok(true),
             Err(e) => LinkError::from_reserve(e),
@@ -128,7 +141,12 @@ impl HostLink for ShmHostLink {
     }
 
     fn try_send_event_encoded(&mut self, body: &[u8]) -> Result<bool, LinkError> {
-        match codec::write_field_frame(&mut self.control, KIND_HOST_TO_PLUGIN, codec::HOST_TO_PLUGIN_EVENT, body) {
+        match codec::write_field_frame(
+            &mut self.control,
+            KIND_HOST_TO_PLUGIN,
+            codec::HOST_TO_PLUGIN_EVENT,
+            body,
+        ) {
             Ok(()) => Ok(true),
             Err(e) => LinkError::from_reserve(e),
         }
@@ -161,7 +179,9 @@ impl HostLink for ShmHostLink {
     fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, LinkError> {
         let mut n = 0;
         while n < max {
-            let Some(frame) = self.replies.try_read()? else { break };
+            let Some(frame) = self.replies.try_read()? else {
+                break;
+            };
             if frame.kind() != KIND_PLUGIN_TO_HOST {
                 return Err(LinkError::BadKind(frame.kind()));
             }
@@ -181,12 +201,26 @@ impl HostLink for ShmHostLink {
     }
 
     fn peer(&self) -> PeerHealth {
-        let pid = self.segment.header().shared.attacher_pid.load(Ordering::Acquire);
+        let pid = self
+            .segment
+            .header()
+            .shared
+            .attacher_pid
+            .load(Ordering::Acquire);
         PeerHealth {
             heartbeat_age_ns: self.segment.peer_heartbeat_age_ns(),
             pid,
-            alive: pid != 0 && stale::pid_alive(pid, 0),
         }
+    }
+
+    fn peer_alive(&self) -> bool {
+        let pid = self
+            .segment
+            .header()
+            .shared
+            .attacher_pid
+            .load(Ordering::Acquire);
+        pid != 0 && stale::pid_alive(pid, 0)
     }
 
     fn occupancy(&mut self) -> Result<Occupancy, LinkError> {
@@ -197,7 +231,11 @@ impl HostLink for ShmHostLink {
     }
 
     fn signal_shutdown(&mut self) {
-        self.segment.header().shared.state.store(STATE_SHUTDOWN, Ordering::Release);
+        self.segment
+            .header()
+            .shared
+            .state
+            .store(STATE_SHUTDOWN, Ordering::Release);
         self.segment.header().to_attacher.ring();
     }
 
@@ -229,7 +267,9 @@ pub struct ShmPluginLink {
 
 impl std::fmt::Debug for ShmPluginLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShmPluginLink").field("segment", &self.segment.name()).finish()
+        f.debug_struct("ShmPluginLink")
+            .field("segment", &self.segment.name())
+            .finish()
     }
 }
 
@@ -237,21 +277,23 @@ impl ShmPluginLink {
     /// Opens segment `name` (validated) and attaches the plugin's ends.
     pub fn open(name: &str) -> Result<Self, SegmentOpenError> {
         let segment = Segment::open(name)?;
-        if segment.rings().len() != 3 || segment.rings().iter().any(|d| d.kind != segment::RingKind::Frame as u32) {
+        if segment.rings().len() != 3 {
             return Err(SegmentOpenError::Corrupt {
                 name: name.to_owned(),
-                reason: "a plugin segment has exactly three frame rings".into(),
+                reason: format!(
+                    "a plugin segment has three rings, this one {}",
+                    segment.rings().len()
+                ),
             });
         }
-        let ring = |i| segment.ring_region(i).expect("validated ring");
         let bad = |e: crate::ring::RingLayoutError| SegmentOpenError::Corrupt {
             name: name.to_owned(),
             reason: e.to_string(),
         };
         Ok(Self {
-            moves: frame::Consumer::attach(ring(RING_MOVES)).map_err(bad)?,
-            control: frame::Consumer::attach(ring(RING_CONTROL)).map_err(bad)?,
-            replies: frame::Producer::attach(ring(RING_REPLIES)).map_err(bad)?,
+            moves: frame::Consumer::attach(segment.frame_region(RING_MOVES)?).map_err(bad)?,
+            control: frame::Consumer::attach(segment.frame_region(RING_CONTROL)?).map_err(bad)?,
+            replies: frame::Producer::attach(segment.frame_region(RING_REPLIES)?).map_err(bad)?,
             segment,
         })
     }
@@ -278,7 +320,9 @@ impl PluginLink for ShmPluginLink {
         let mut n = 0;
         // Control first: joins and quits come before the moves that follow them in the tick.
         while n < max {
-            let Some(frame) = self.control.try_read()? else { break };
+            let Some(frame) = self.control.try_read()? else {
+                break;
+            };
             if frame.kind() != KIND_HOST_TO_PLUGIN {
                 return Err(LinkError::BadKind(frame.kind()));
             }
@@ -286,7 +330,9 @@ impl PluginLink for ShmPluginLink {
             n += 1;
         }
         while n < max {
-            let Some(frame) = self.moves.try_read()? else { break };
+            let Some(frame) = self.moves.try_read()? else {
+                break;
+            };
             if frame.kind() != KIND_MOVES {
                 return Err(LinkError::BadKind(frame.kind()));
             }

@@ -1,1 +1,301 @@
-fn main() {}
+//! The `plugbus` command: the demo (default), the load test, the side-by-side comparison,
+//! inspection and cleanup of segments. See `plugbus --help`.
+
+mod compare;
+mod demo;
+mod inspect;
+mod load_plugin;
+mod loadtest;
+mod metrics_http;
+mod plot;
+mod sim;
+
+// The example plugins, compiled into this binary so that `plugbus demo` can launch them
+// (`plugbus plugin chat-filter`, `plugbus plugin move-counter`) without a separate build.
+// Their `main` functions are unused here.
+#[allow(dead_code)]
+#[path = "../../../examples/chat_filter.rs"]
+mod chat_filter;
+#[allow(dead_code)]
+#[path = "../../../examples/move_counter.rs"]
+mod move_counter;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use plugbus::plugin::WaitStrategy;
+use plugbus::sync::AtomicBool;
+
+/// Counts heap allocations per thread, so the load test can report the tick thread's
+/// allocations per event. One thread-local increment per allocation.
+struct CountingAlloc;
+
+thread_local! {
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: every method forwards to the System allocator with the caller's arguments unchanged;
+// the thread-local counter is const-initialized, so touching it never allocates or recurses.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: forwarded unchanged; the caller upholds GlobalAlloc::alloc's contract.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: as for alloc.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: forwarded unchanged; ptr came from this allocator (which is System's).
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged; ptr came from this allocator (which is System's).
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// Allocations made by the calling thread so far.
+pub fn alloc_count() -> u64 {
+    ALLOCS.with(Cell::get)
+}
+
+/// Set by Ctrl-C: the running command stops cleanly (plugins shut down, segments removed).
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Pins the calling thread to one CPU (best effort; reported, never fatal).
+pub fn pin_current_thread(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data, zero-initialized then filled by CPU_SET; sched_setaffinity
+    // reads it for the calling thread (pid 0) and keeps no pointer.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            eprintln!(
+                "cannot pin to cpu {cpu}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// "CPU model, N cpus" of this machine.
+pub fn machine() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let n = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{model}, {n} cpus")
+}
+
+#[derive(Parser)]
+#[command(
+    name = "plugbus",
+    version,
+    about = "Shared-memory event bus between a game server and its plugins"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// A simulated server (100 players, 50 ticks/s, 10 s) running the example plugins (default).
+    Demo(demo::DemoArgs),
+    /// The simulated server at scale against load plugins; reports delivery, latency, cost.
+    Loadtest(LoadArgs),
+    /// The same workload over plugbus and over the old design's transport, side by side.
+    Compare(CompareArgs),
+    /// Lists the plugbus segments on this machine.
+    Inspect,
+    /// Removes segments whose creator is dead.
+    Cleanup,
+    /// Runs a built-in plugin (launched by the host; not for direct use).
+    #[command(hide = true)]
+    Plugin {
+        /// load, chat-filter or move-counter.
+        name: String,
+        /// Plugin arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct LoadArgs {
+    /// Simulated players.
+    #[arg(long, default_value_t = 100)]
+    players: usize,
+    /// Ticks per second.
+    #[arg(long, default_value_t = 50)]
+    tps: u32,
+    /// Plugin processes, each subscribed to every event.
+    #[arg(long, default_value_t = 2)]
+    plugins: usize,
+    /// Duration in seconds (the first second is warm-up, left out of the figures).
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Plugin wait strategy: spin, park, spin-then-park.
+    #[arg(long, default_value = "spin-then-park")]
+    wait: String,
+    /// Write the report as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw the latency distributions (SVG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Pin the host's tick thread to CPU 0 and plugin i to CPU (1 + i) mod N.
+    #[arg(long)]
+    pin: bool,
+    /// Serve Prometheus metrics at this address (e.g. 127.0.0.1:9464).
+    #[arg(long)]
+    metrics_addr: Option<String>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct CompareArgs {
+    /// Seconds per transport.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Write the comparison as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PLUGBUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(demo::LogWriter::default)
+        .with_target(false)
+        .try_init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => {
+            init_logging("info");
+            demo::run(&demo::DemoArgs::default())
+        }
+        Some(Cmd::Demo(args)) => {
+            init_logging("info");
+            demo::run(&args)
+        }
+        Some(Cmd::Loadtest(args)) => {
+            init_logging("warn");
+            loadtest_cmd(&args)
+        }
+        Some(Cmd::Compare(args)) => {
+            init_logging("warn");
+            compare::run(args.seconds, args.json.as_deref()).map(|_| ())
+        }
+        Some(Cmd::Inspect) => inspect::inspect(),
+        Some(Cmd::Cleanup) => inspect::cleanup(),
+        Some(Cmd::Plugin { name, args }) => run_plugin(&name, args),
+    };
+    if let Err(e) = result {
+        eprintln!("plugbus: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run_plugin(name: &str, args: Vec<String>) -> Result<(), String> {
+    match name {
+        "load" => {
+            let mut wait = WaitStrategy::default();
+            let mut it = args.into_iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--wait" => wait = it.next().unwrap_or_default().parse()?,
+                    other => return Err(format!("unknown argument {other:?}")),
+                }
+            }
+            load_plugin::run(wait)
+        }
+        "baseline" => compare::baseline_plugin(),
+        "chat-filter" => chat_filter::run(args),
+        "move-counter" => move_counter::run(args),
+        other => Err(format!(
+            "no built-in plugin {other:?} (load, chat-filter, move-counter)"
+        )),
+    }
+}
+
+/// Installs the Ctrl-C handler (once).
+pub fn on_ctrl_c() {
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, plugbus::sync::Ordering::Relaxed) {
+            // Second Ctrl-C: give up waiting.
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping (Ctrl-C again to abort)...");
+    });
+}
+
+fn loadtest_cmd(a: &LoadArgs) -> Result<(), String> {
+    let wait: WaitStrategy = a.wait.parse()?;
+    if a.plugins == 0 || a.players == 0 || a.tps == 0 || !(a.seconds > 0.0) {
+        return Err("--players, --tps, --plugins and --seconds must be positive".into());
+    }
+    on_ctrl_c();
+    let exe = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .display()
+        .to_string();
+    let metrics = metrics_http::serve(a.metrics_addr.as_deref())?;
+    let spec = loadtest::LoadSpec {
+        players: a.players,
+        tps: a.tps,
+        seconds: a.seconds,
+        warmup_s: (a.seconds * 0.1).min(1.0),
+        pin: a.pin,
+        plugins: (0..a.plugins)
+            .map(|_| {
+                (
+                    exe.clone(),
+                    vec![
+                        "plugin".into(),
+                        "load".into(),
+                        "--wait".into(),
+                        a.wait.clone(),
+                    ],
+                )
+            })
+            .collect(),
+        reports: true,
+        metrics,
+        seed: 42,
+    };
+    let pb = demo::progress_bar(spec.seconds, spec.tps);
+    let (mut report, _host) = loadtest::run(&spec, |p| demo::show_progress(&pb, p))?;
+    pb.finish_and_clear();
+    report.wait = format!("{wait:?}");
+    loadtest::print(&report);
+    if let Some(path) = &a.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("  json                      {}", path.display());
+    }
+    if let Some(path) = &a.plot {
+        plot::latency(&report, path)?;
+        println!("  plot                      {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,500 @@
+//! `plugbus loadtest` (and the engine behind `plugbus demo`): the simulated server at scale,
+//! with real plugin processes, measuring what the README's performance table reports.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use plugbus::fastpath::MoveRecord;
+use plugbus::host::{Hist, Host, HostConfig, MetricsSnapshot, PluginConfig, RingSizes};
+use plugbus::proto::EventType;
+use plugbus::segment::monotonic_ns;
+use serde::Serialize;
+
+use crate::load_plugin::PluginReport;
+use crate::sim::{TickOutput, World, is_critical};
+use crate::{STOP, alloc_count};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub players: usize,
+    pub tps: u32,
+    pub seconds: f64,
+    pub warmup_s: f64,
+    pub pin: bool,
+    /// One command line per plugin (program, args), each launched with the load report env.
+    pub plugins: Vec<(String, Vec<String>)>,
+    /// Whether plugins write load reports (the built-in load plugin does).
+    pub reports: bool,
+    pub metrics: Option<Arc<Mutex<MetricsSnapshot>>>,
+    pub seed: u64,
+}
+
+/// Percentiles of a latency histogram.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Pcts {
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    pub count: u64,
+}
+
+impl Pcts {
+    pub fn of(h: &Hist) -> Self {
+        Self {
+            p50: h.quantile(0.5),
+            p99: h.quantile(0.99),
+            p999: h.quantile(0.999),
+            max: h.max(),
+            count: h.count(),
+        }
+    }
+}
+
+/// Everything the load test measured. Serialized as the `--json` object.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoadReport {
+    pub players: usize,
+    pub tps: u32,
+    pub plugins: usize,
+    pub seconds: f64,
+    pub wait: String,
+    pub pinned: Option<Pinning>,
+    pub machine: String,
+    /// Events offered by the server (moves count one per player per tick).
+    pub events_offered: u64,
+    /// Events observed by plugins, summed over plugins.
+    pub events_delivered: u64,
+    pub events_offered_by_type: BTreeMap<String, u64>,
+    pub events_delivered_by_type: BTreeMap<String, u64>,
+    pub moves_conflated: u64,
+    /// Critical events (join, quit, chat, command) offered to a plugin and never observed by it.
+    pub critical_lost: u64,
+    /// Critical events observed out of publish order.
+    pub critical_out_of_order: u64,
+    /// The host's plugbus work per tick (publish, dispatch, end_tick), ns.
+    pub host_tick_ns: Pcts,
+    /// Tick publish (end of tick) to the plugin's handler seeing the move frame, ns.
+    pub publish_to_observe_ns: Pcts,
+    /// Publish of a critical event to the plugin's handler seeing it, ns.
+    pub publish_to_observe_events_ns: Pcts,
+    /// Dispatch of an event expecting a response to the merged outcome, ns.
+    pub reply_rtt_ns: Pcts,
+    pub replies_late: u64,
+    /// Events cancelled / mutated by plugins.
+    pub cancelled: u64,
+    pub mutated: u64,
+    /// Heap allocations on the tick thread per offered event, in steady state.
+    pub host_allocs_per_event: f64,
+    /// Each plugin's CPU use over the measured window, percent of one core.
+    pub plugin_cpu_percent: Vec<f64>,
+    pub ticks: u64,
+    pub tick_overruns: u64,
+    pub disconnects: u64,
+    /// Raw samples for plots (not serialized).
+    #[serde(skip)]
+    pub samples: Samples,
+}
+
+/// Latency samples for plotting.
+#[derive(Debug, Clone, Default)]
+pub struct Samples {
+    pub observe: Hist,
+    pub observe_events: Hist,
+    pub rtt: Hist,
+    pub tick: Hist,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Pinning {
+    pub host_cpu: usize,
+    pub plugin_cpus: Vec<usize>,
+}
+
+/// Live figures for a progress line.
+pub struct Progress<'a> {
+    pub tick: u64,
+    pub events_per_s: f64,
+    pub rtt_p50_ns: u64,
+    pub host: &'a Host,
+}
+
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf reads a configuration value; no memory is passed.
+    let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if v > 0 { v as f64 } else { 100.0 }
+}
+
+fn pow2_at_least(n: u64) -> u64 {
+    n.max(1).next_power_of_two()
+}
+
+/// Runs the simulation against the plugins; `progress` is called about every 250 ms.
+pub fn run(
+    spec: &LoadSpec,
+    mut progress: impl FnMut(&Progress<'_>),
+) -> Result<(LoadReport, Host), String> {
+    let dir = std::env::temp_dir().join(format!("plugbus-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let frame = (spec.players as u64 * 48 + 64).max(1);
+    let rings = RingSizes {
+        moves: pow2_at_least(frame * 8).max(4 << 20),
+        ..RingSizes::default()
+    };
+    let mut plugin_cpus = Vec::new();
+    let mut configs = Vec::new();
+    for (i, (cmd, args)) in spec.plugins.iter().enumerate() {
+        let id = format!("load-{i}");
+        let mut cfg = PluginConfig::launch(&id, cmd)
+            .args(args.clone())
+            .rings(rings)
+            .required(true);
+        if spec.reports {
+            cfg = cfg.env(
+                "PLUGBUS_REPORT",
+                &dir.join(format!("{id}.json")).display().to_string(),
+            );
+        }
+        if spec.pin {
+            let cpu = (1 + i) % ncpu;
+            plugin_cpus.push(cpu);
+            cfg = cfg.env("PLUGBUS_PIN_CPU", &cpu.to_string());
+        }
+        configs.push(cfg);
+    }
+    let mut config = HostConfig::new(configs);
+    config.host.hello_timeout_ms = 10_000;
+    config.host.shutdown_grace_ms = 10_000;
+    let mut host = Host::start(config).map_err(|e| e.to_string())?;
+    let ids: Vec<String> = (0..spec.plugins.len())
+        .map(|i| format!("load-{i}"))
+        .collect();
+    // Wait until each plugin's subscriptions are in, so the measured window starts clean.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ids.iter().all(|id| {
+        host.is_subscribed(id, EventType::PlayerMove) || host.is_subscribed(id, EventType::Chat)
+    }) {
+        if Instant::now() > deadline {
+            return Err("plugins did not subscribe within 10 s".into());
+        }
+        host.poll();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if spec.pin {
+        crate::pin_current_thread(0);
+    }
+
+    let mut world = World::new(spec.players, spec.tps, spec.seed);
+    let mut out = TickOutput::default();
+    let tick_len = Duration::from_secs_f64(1.0 / f64::from(spec.tps.max(1)));
+    let total_ticks = (spec.seconds * f64::from(spec.tps)).ceil() as u64;
+    let warmup_ticks = (spec.warmup_s * f64::from(spec.tps)).ceil() as u64;
+    let mut report = LoadReport {
+        players: spec.players,
+        tps: spec.tps,
+        plugins: spec.plugins.len(),
+        seconds: spec.seconds,
+        pinned: spec.pin.then(|| Pinning {
+            host_cpu: 0,
+            plugin_cpus: plugin_cpus.clone(),
+        }),
+        machine: crate::machine(),
+        ..Default::default()
+    };
+    // Publish times: per tick (moves), per critical event id.
+    let mut tick_pub: Vec<(u64, u64)> = Vec::with_capacity(total_ticks as usize);
+    let mut event_pub: HashMap<u64, u64> = HashMap::new();
+    let mut critical_offered = 0u64;
+    let mut offered_moves = 0u64;
+    let mut offered_events = 0u64;
+    let mut steady_allocs = 0u64;
+    let mut steady_offered = 0u64;
+    let mut cpu_start: Vec<Option<u64>> = Vec::new();
+    let mut steady_started = Instant::now();
+    let mut pendings = Vec::new();
+    let mut next = Instant::now() + tick_len;
+    let mut last_progress = Instant::now();
+    let mut window_events = 0u64;
+    let mut window_started = Instant::now();
+    let mut last_metrics = Instant::now();
+    for t in 0..total_ticks {
+        if STOP.load(plugbus::sync::Ordering::Relaxed) {
+            break;
+        }
+        let steady = t >= warmup_ticks;
+        if t == warmup_ticks {
+            steady_started = Instant::now();
+            cpu_start = ids
+                .iter()
+                .map(|id| host.pid_of(id).and_then(cpu_ticks))
+                .collect();
+        }
+        world.step(&mut out);
+        let moves: &[MoveRecord] = &out.moves;
+        let n_events = (moves.len() + out.events.len() + out.requests.len()) as u64;
+        let allocs_before = alloc_count();
+        let started = Instant::now();
+        let mut tick = host.begin_tick();
+        let tick_no = tick.number();
+        tick.publish_moves(moves);
+        for env in &mut out.events {
+            let at = monotonic_ns();
+            tick.publish(env);
+            if is_critical(env.r#type) {
+                if let Ok(id) = env.event_id.parse::<u64>() {
+                    event_pub.insert(id, at);
+                }
+            }
+        }
+        for env in &mut out.requests {
+            let at = monotonic_ns();
+            let p = tick.dispatch(env);
+            event_pub.insert(p.event_id(), at);
+            pendings.push(p);
+        }
+        let published = monotonic_ns();
+        tick.end();
+        let cost = started.elapsed();
+        let allocs = alloc_count() - allocs_before;
+        tick_pub.push((tick_no, published));
+        critical_offered += out.requests.len() as u64
+            + out.events.iter().filter(|e| is_critical(e.r#type)).count() as u64;
+        offered_moves += moves.len() as u64;
+        offered_events += (out.events.len() + out.requests.len()) as u64;
+        window_events += n_events;
+        if steady {
+            report.samples.tick.record(cost.as_nanos() as u64);
+            steady_allocs += allocs;
+            steady_offered += n_events;
+        }
+        // The game waits for the answers it needs (chat, commands): the reply round trip.
+        for p in pendings.drain(..) {
+            let o = host.wait(&p, Instant::now() + host.settings().response_timeout());
+            report.cancelled += u64::from(o.cancelled);
+            report.mutated += u64::from(o.mutation.is_some());
+            if o.late.is_empty() {
+                if steady {
+                    report.samples.rtt.record(o.elapsed.as_nanos() as u64);
+                }
+            } else {
+                report.replies_late += o.late.len() as u64;
+            }
+        }
+        for _ in host.drain_actions() {}
+        for n in host.drain_notices() {
+            if let plugbus::host::Notice::Disconnected { .. } = n {
+                report.disconnects += 1;
+            }
+        }
+        world.recycle(&mut out);
+        report.ticks += 1;
+        let now = Instant::now();
+        if now.duration_since(last_progress) >= Duration::from_millis(250) {
+            let secs = now.duration_since(window_started).as_secs_f64();
+            progress(&Progress {
+                tick: t + 1,
+                events_per_s: window_events as f64 / secs.max(1e-9),
+                rtt_p50_ns: report.samples.rtt.quantile(0.5),
+                host: &host,
+            });
+            window_events = 0;
+            window_started = now;
+            last_progress = now;
+        }
+        if let Some(m) = &spec.metrics {
+            if now.duration_since(last_metrics) >= Duration::from_millis(500) {
+                last_metrics = now;
+                if let Ok(mut g) = m.lock() {
+                    *g = host.metrics();
+                }
+            }
+        }
+        if now > next {
+            report.tick_overruns += 1;
+            next = now + tick_len;
+        } else {
+            sleep_until(next);
+            next += tick_len;
+        }
+    }
+    let measured = steady_started.elapsed().as_secs_f64().max(1e-9);
+    let hz = clock_ticks_per_s();
+    report.plugin_cpu_percent = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let end = host.pid_of(id).and_then(cpu_ticks);
+            match (cpu_start.get(i).copied().flatten(), end) {
+                (Some(a), Some(b)) => (b.saturating_sub(a)) as f64 / hz / measured * 100.0,
+                _ => f64::NAN,
+            }
+        })
+        .collect();
+    let metrics = host.metrics();
+    host.shutdown("load test finished");
+    report.moves_conflated = metrics.plugins.values().map(|p| p.moves_conflated).sum();
+    report.host_allocs_per_event = if steady_offered > 0 {
+        steady_allocs as f64 / steady_offered as f64
+    } else {
+        0.0
+    };
+    report.events_offered = offered_moves + offered_events;
+    report.events_offered_by_type = metrics
+        .host
+        .offered_by_type()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    report
+        .events_offered_by_type
+        .insert("PLAYER_MOVE (fast path)".into(), offered_moves);
+
+    if spec.reports {
+        let tick_times: HashMap<u64, u64> = tick_pub.iter().copied().collect();
+        let first_steady_tick = tick_pub
+            .get(warmup_ticks as usize)
+            .map_or(u64::MAX, |t| t.0);
+        let mut delivered_moves = 0;
+        for id in &ids {
+            let path = dir.join(format!("{id}.json"));
+            let r = PluginReport::read(&path).map_err(|e| format!("plugin {id}: {e}"))?;
+            delivered_moves += r.moves;
+            for (ty, n) in &r.counts {
+                let name = EventType::try_from(*ty).map_or("UNKNOWN", |e| e.as_str_name());
+                *report
+                    .events_delivered_by_type
+                    .entry(name.to_owned())
+                    .or_default() += n;
+                report.events_delivered += n;
+            }
+            for [tick, seen, _] in &r.move_frames {
+                if *tick >= first_steady_tick {
+                    if let Some(p) = tick_times.get(tick) {
+                        report.samples.observe.record(seen.saturating_sub(*p));
+                    }
+                }
+            }
+            let mut last = 0;
+            let mut seen_critical = 0u64;
+            for [id, seen] in &r.critical {
+                seen_critical += 1;
+                if *id < last {
+                    report.critical_out_of_order += 1;
+                }
+                last = *id;
+                if let Some(p) = event_pub.get(id) {
+                    report
+                        .samples
+                        .observe_events
+                        .record(seen.saturating_sub(*p));
+                }
+            }
+            report.critical_lost += critical_offered.saturating_sub(seen_critical);
+            let _ = std::fs::remove_file(&path);
+        }
+        report.events_delivered += delivered_moves;
+        report
+            .events_delivered_by_type
+            .insert("PLAYER_MOVE (fast path)".into(), delivered_moves);
+    }
+    let _ = std::fs::remove_dir(&dir);
+    report.host_tick_ns = Pcts::of(&report.samples.tick);
+    report.publish_to_observe_ns = Pcts::of(&report.samples.observe);
+    report.publish_to_observe_events_ns = Pcts::of(&report.samples.observe_events);
+    report.reply_rtt_ns = Pcts::of(&report.samples.rtt);
+    Ok((report, host))
+}
+
+/// Sleeps until `deadline`: a coarse sleep, then a short spin for the last stretch.
+fn sleep_until(deadline: Instant) {
+    let now = Instant::now();
+    if deadline <= now {
+        return;
+    }
+    let left = deadline - now;
+    if left > Duration::from_micros(300) {
+        std::thread::sleep(left - Duration::from_micros(200));
+    }
+    while Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+}
+
+/// Prints the report as a table.
+pub fn print(r: &LoadReport) {
+    let us = |ns: u64| format!("{:.2} µs", ns as f64 / 1000.0);
+    println!();
+    println!(
+        "plugbus load test: {} players x {} tps x {} plugins, {:.1} s ({} ticks, {} overruns), wait={}{}",
+        r.players,
+        r.tps,
+        r.plugins,
+        r.seconds,
+        r.ticks,
+        r.tick_overruns,
+        r.wait,
+        r.pinned.as_ref().map_or(String::new(), |p| format!(
+            ", pinned host cpu {} plugins {:?}",
+            p.host_cpu, p.plugin_cpus
+        ))
+    );
+    println!("  machine                   {}", r.machine);
+    println!("  events offered            {}", r.events_offered);
+    println!(
+        "  events delivered          {} (summed over plugins)",
+        r.events_delivered
+    );
+    println!("  moves conflated           {}", r.moves_conflated);
+    println!("  critical lost             {}", r.critical_lost);
+    println!("  critical out of order     {}", r.critical_out_of_order);
+    println!(
+        "  host cost per tick        p50 {}  p99 {}  max {}",
+        us(r.host_tick_ns.p50),
+        us(r.host_tick_ns.p99),
+        us(r.host_tick_ns.max)
+    );
+    println!(
+        "  publish -> observe moves  p50 {}  p99 {}  p99.9 {}",
+        us(r.publish_to_observe_ns.p50),
+        us(r.publish_to_observe_ns.p99),
+        us(r.publish_to_observe_ns.p999)
+    );
+    println!(
+        "  publish -> observe events p50 {}  p99 {}  p99.9 {}",
+        us(r.publish_to_observe_events_ns.p50),
+        us(r.publish_to_observe_events_ns.p99),
+        us(r.publish_to_observe_events_ns.p999)
+    );
+    println!(
+        "  reply round trip          p50 {}  p99 {}  ({} samples, {} late)",
+        us(r.reply_rtt_ns.p50),
+        us(r.reply_rtt_ns.p99),
+        r.reply_rtt_ns.count,
+        r.replies_late
+    );
+    println!("  host allocs per event     {:.4}", r.host_allocs_per_event);
+    println!(
+        "  plugin CPU                {:?} % of a core",
+        r.plugin_cpu_percent
+            .iter()
+            .map(|c| (c * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
+    );
+    println!("  disconnects               {}", r.disconnects);
+    for (ty, n) in &r.events_offered_by_type {
+        println!(
+            "    {ty:<28} offered {n:>10}  delivered {:>10}",
+            r.events_delivered_by_type.get(ty).copied().unwrap_or(0)
+        );
+    }
+}

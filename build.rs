@@ -104,7 +104,12 @@ fn variants(fds: &FileDescriptorSet) -> String {
         )
         .unwrap();
         for (_, name, _) in &fields {
-            writeln!(s, "            Self::{}(m) => ::prost::Message::clear(m),", upper_camel(name)).unwrap();
+            writeln!(
+                s,
+                "            Self::{}(m) => ::prost::Message::clear(m),",
+                upper_camel(name)
+            )
+            .unwrap();
         }
         writeln!(s, "        }}\n    }}").unwrap();
         writeln!(
@@ -131,7 +136,12 @@ fn variants(fds: &FileDescriptorSet) -> String {
         )
         .unwrap();
         for (num, name, _) in &fields {
-            writeln!(s, "            {num} => Some(Self::{}(Default::default())),", upper_camel(name)).unwrap();
+            writeln!(
+                s,
+                "            {num} => Some(Self::{}(Default::default())),",
+                upper_camel(name)
+            )
+            .unwrap();
         }
         writeln!(s, "            _ => None,\n        }}\n    }}\n}}\n").unwrap();
 

@@ -24,10 +24,7 @@ impl Handler for ChatFilter {
                 let lower = chat.message.to_lowercase();
                 if lower.contains(&self.banned) {
                     self.cancelled += 1;
-                    ctx.send_chat(
-                        &chat.player_uuid,
-                        "Your message was blocked by the chat filter.",
-                    );
+                    ctx.send_chat(&chat.player_uuid, "Your message was blocked by the chat filter.");
                     Reply::Cancel
                 } else if lower.contains(&self.from) {
                     self.rewritten += 1;

@@ -89,7 +89,9 @@ fn read_guard_commit_then_reuse() {
         let t = thread::spawn(move || {
             let mut sent = 0u64;
             while sent < 4 {
-                sent += tx.push_slice(&[sent + 1, sent + 2][..(4 - sent as usize).min(2)]).unwrap() as u64;
+                sent += tx
+                    .push_slice(&[sent + 1, sent + 2][..(4 - sent as usize).min(2)])
+                    .unwrap() as u64;
                 thread::yield_now();
             }
         });

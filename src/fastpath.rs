@@ -164,7 +164,12 @@ pub fn write_frame(
     Ok(frames)
 }
 
-fn write_one(producer: &mut frame::Producer, tick: u64, flags: u32, records: &[MoveRecord]) -> Result<(), ReserveError> {
+fn write_one(
+    producer: &mut frame::Producer,
+    tick: u64,
+    flags: u32,
+    records: &[MoveRecord],
+) -> Result<(), ReserveError> {
     let mut grant = producer.try_reserve(HEADER_LEN + records.len() * RECORD_LEN)?;
     let bytes = grant.bytes_mut();
     let header = MoveFrameHeader {
@@ -292,7 +297,12 @@ impl MoveRecord {
     pub fn from_move_event(e: &proto::PlayerMoveEvent) -> Option<Self> {
         let pos = e.position.unwrap_or_default();
         let rot = e.rotation.unwrap_or_default();
-        Some(Self::new(uuid_from_str(&e.player_uuid)?, [pos.x, pos.y, pos.z], rot.yaw, rot.pitch))
+        Some(Self::new(
+            uuid_from_str(&e.player_uuid)?,
+            [pos.x, pos.y, pos.z],
+            rot.yaw,
+            rot.pitch,
+        ))
     }
 
     /// The df.plugin packed form. Positions become `f32` there (the protocol's choice), so this

@@ -191,9 +191,7 @@ mod futex {
                 tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
                 tv_nsec: d.subsec_nanos() as libc::c_long,
             });
-            let ts_ptr = ts
-                .as_ref()
-                .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+            let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
             // SAFETY: FUTEX_WAIT reads the aligned 32-bit word at `self.0` (a live AtomicU32,
             // u32-aligned by its type) and a timespec that outlives the call; it writes nothing.
             // The word may be in a shared mapping, which is what the non-private op is for.

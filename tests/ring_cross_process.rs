@@ -27,20 +27,12 @@ const STALL: Duration = Duration::from_secs(120);
 
 /// Records streamed (a tenth in unoptimized builds, which are ~10x slower; the full count is
 /// what `cargo test --release` runs).
-const RECORDS: u64 = if cfg!(debug_assertions) {
-    1_000_000
-} else {
-    10_000_000
-};
+const RECORDS: u64 = if cfg!(debug_assertions) { 1_000_000 } else { 10_000_000 };
 const RECORD_CAPACITY: u64 = 1 << 14;
 const RECORD_SEED: u64 = 0x5EED_0000_0000_0001;
 
 /// Frames streamed (a tenth in unoptimized builds, as for [`RECORDS`]).
-const FRAMES: u64 = if cfg!(debug_assertions) {
-    100_000
-} else {
-    1_000_000
-};
+const FRAMES: u64 = if cfg!(debug_assertions) { 100_000 } else { 1_000_000 };
 const FRAME_CAPACITY: u64 = 1 << 18;
 const FRAME_MAX_LEN: u64 = 4096;
 const FRAME_SEED: u64 = 0x5EED_0000_0000_0002;
@@ -89,9 +81,7 @@ impl Hash {
     const START: Self = Self(0xCBF2_9CE4_8422_2325);
 
     fn add(&mut self, word: u64) {
-        self.0 = (self.0 ^ word)
-            .wrapping_mul(0x0000_0100_0000_01B3)
-            .rotate_left(17);
+        self.0 = (self.0 ^ word).wrapping_mul(0x0000_0100_0000_01B3).rotate_left(17);
     }
 }
 
@@ -115,11 +105,7 @@ impl Waiter {
         self.idle_since = None;
     }
 
-    fn idle(
-        &mut self,
-        what: &str,
-        alive: &mut dyn FnMut() -> Result<(), String>,
-    ) -> Result<(), String> {
+    fn idle(&mut self, what: &str, alive: &mut dyn FnMut() -> Result<(), String>) -> Result<(), String> {
         self.spins += 1;
         if self.spins < 64 {
             std::hint::spin_loop();
@@ -190,10 +176,7 @@ fn parent_alive(parent: u32) -> impl FnMut() -> Result<(), String> {
 fn child_running(child: &mut ChildGuard) -> impl FnMut() -> Result<(), String> + '_ {
     move || match child.0.try_wait() {
         Ok(None) => Ok(()),
-        Ok(Some(status)) => Err(format!(
-            "the child exited early ({status}){}",
-            drain_output(child)
-        )),
+        Ok(Some(status)) => Err(format!("the child exited early ({status}){}", drain_output(child))),
         Err(e) => Err(format!("try_wait: {e}")),
     }
 }
@@ -322,12 +305,7 @@ impl Move {
 fn records_between_processes() {
     let _heavy = HEAVY.lock().unwrap_or_else(|p| p.into_inner());
     let name = unique_name("xproc-records");
-    let seg = Segment::create(
-        &name,
-        "xproc-records",
-        &[RingSpec::records::<Move>(RECORD_CAPACITY)],
-    )
-    .unwrap();
+    let seg = Segment::create(&name, "xproc-records", &[RingSpec::records::<Move>(RECORD_CAPACITY)]).unwrap();
     let region = seg.ring_region(0).unwrap();
     let mut tx = record::Producer::<Move>::attach(region.clone()).unwrap();
     let mut child = spawn_child("child_record_consumer", "records", &name);
@@ -350,9 +328,7 @@ fn records_between_processes() {
                     Ok(()) => break,
                     Err(record::PushError::Full(back)) => {
                         v = back;
-                        waiter
-                            .idle("pushing a record", &mut child_running(&mut child))
-                            .unwrap();
+                        waiter.idle("pushing a record", &mut child_running(&mut child)).unwrap();
                     }
                     Err(e) => panic!("push: {e}"),
                 }
@@ -375,9 +351,7 @@ fn records_between_processes() {
             while !rest.is_empty() {
                 let k = tx.push_slice(rest).unwrap();
                 if k == 0 {
-                    waiter
-                        .idle("pushing a batch", &mut child_running(&mut child))
-                        .unwrap();
+                    waiter.idle("pushing a batch", &mut child_running(&mut child)).unwrap();
                 } else {
                     waiter.progress();
                     rest = &rest[k..];
@@ -394,20 +368,11 @@ fn records_between_processes() {
 
     let out = finish_child(&mut child);
     let (count, child_hash) = parse_result(&out);
-    assert_eq!(
-        count, RECORDS,
-        "child counted a different number of records"
-    );
-    assert_eq!(
-        child_hash, hash.0,
-        "child's running hash differs from the parent's"
-    );
+    assert_eq!(count, RECORDS, "child counted a different number of records");
+    assert_eq!(child_hash, hash.0, "child's running hash differs from the parent's");
     // Everything was released by the consumer, and it detached cleanly.
     assert_eq!(ring::positions(&region), (RECORDS, RECORDS));
-    assert_eq!(
-        seg.header().shared.state.load(Ordering::Acquire),
-        STATE_DETACHED
-    );
+    assert_eq!(seg.header().shared.state.load(Ordering::Acquire), STATE_DETACHED);
     assert_eq!(seg.header().shared.attacher_pid.load(Ordering::Acquire), 0);
 }
 
@@ -422,8 +387,7 @@ fn child_record_consumer() {
         if RingKind::from_u32(d.kind) != Some(RingKind::Record) || d.unit != 48 {
             return Err(format!("unexpected ring descriptor {d:?}"));
         }
-        let mut rx = record::Consumer::<Move>::attach(seg.ring_region(0).unwrap())
-            .map_err(|e| e.to_string())?;
+        let mut rx = record::Consumer::<Move>::attach(seg.ring_region(0).unwrap()).map_err(|e| e.to_string())?;
         let mut alive = parent_alive(parent);
         let mut waiter = Waiter::new();
         let mut hash = Hash::START;
@@ -444,17 +408,10 @@ fn child_record_consumer() {
             }
             waiter.progress();
             // Sometimes release only part of what was lent; the rest must come again.
-            let take = if r % 16 == 1 {
-                g.len().div_ceil(2)
-            } else {
-                g.len()
-            };
+            let take = if r % 16 == 1 { g.len().div_ceil(2) } else { g.len() };
             for m in &g[..take] {
                 if m.seq != next {
-                    return Err(format!(
-                        "expected record {next}, got {} (lost or duplicated)",
-                        m.seq
-                    ));
+                    return Err(format!("expected record {next}, got {} (lost or duplicated)", m.seq));
                 }
                 if m.check != m.checksum() {
                     return Err(format!("record {next} has a bad checksum: {m:?}"));
@@ -492,12 +449,7 @@ fn plan(rng: &mut Rng) -> FramePlan {
     let kind = 1 + rng.below(u64::from(frame::PADDING - 1)) as u32;
     let path = rng.below(3);
     let extra = rng.below(64) as usize;
-    FramePlan {
-        len,
-        kind,
-        path,
-        extra,
-    }
+    FramePlan { len, kind, path, extra }
 }
 
 /// The payload of frame `seq`: 8-byte words derived from the sequence number.
@@ -559,9 +511,7 @@ fn frames_between_processes() {
             match r {
                 Ok(()) => break,
                 Err(frame::ReserveError::Full { .. }) => {
-                    waiter
-                        .idle("pushing a frame", &mut child_running(&mut child))
-                        .unwrap();
+                    waiter.idle("pushing a frame", &mut child_running(&mut child)).unwrap();
                 }
                 Err(e) => panic!("frame {seq}: {e}"),
             }
@@ -570,29 +520,17 @@ fn frames_between_processes() {
         paths[p.path as usize] += 1;
         bytes += p.len as u64;
     }
-    assert!(
-        paths.iter().all(|&n| n > 0),
-        "every write path used: {paths:?}"
-    );
+    assert!(paths.iter().all(|&n| n > 0), "every write path used: {paths:?}");
     assert!(bytes > FRAMES * 1024, "frames should average about 2 KiB");
 
     let out = finish_child(&mut child);
     let (count, child_hash) = parse_result(&out);
     assert_eq!(count, FRAMES, "child counted a different number of frames");
-    assert_eq!(
-        child_hash, hash.0,
-        "child's running hash differs from the parent's"
-    );
+    assert_eq!(child_hash, hash.0, "child's running hash differs from the parent's");
     let (head, tail) = ring::positions(&region);
     assert_eq!(head, tail, "the child left frames unreleased");
-    assert!(
-        tail > FRAMES * 1024,
-        "tail {tail} does not account for the bytes sent"
-    );
-    assert_eq!(
-        seg.header().shared.state.load(Ordering::Acquire),
-        STATE_DETACHED
-    );
+    assert!(tail > FRAMES * 1024, "tail {tail} does not account for the bytes sent");
+    assert_eq!(seg.header().shared.state.load(Ordering::Acquire), STATE_DETACHED);
 }
 
 #[test]
@@ -606,8 +544,7 @@ fn child_frame_consumer() {
         if RingKind::from_u32(d.kind) != Some(RingKind::Frame) || d.capacity != FRAME_CAPACITY {
             return Err(format!("unexpected ring descriptor {d:?}"));
         }
-        let mut rx =
-            frame::Consumer::attach(seg.ring_region(0).unwrap()).map_err(|e| e.to_string())?;
+        let mut rx = frame::Consumer::attach(seg.ring_region(0).unwrap()).map_err(|e| e.to_string())?;
         let mut alive = parent_alive(parent);
         let mut waiter = Waiter::new();
         let mut hash = Hash::START;
@@ -615,10 +552,7 @@ fn child_frame_consumer() {
         let mut expected = vec![0u8; FRAME_MAX_LEN as usize];
         let mut seq = 0u64;
         while seq < FRAMES {
-            let Some(f) = rx
-                .try_read()
-                .map_err(|e| format!("read of frame {seq}: {e}"))?
-            else {
+            let Some(f) = rx.try_read().map_err(|e| format!("read of frame {seq}: {e}"))? else {
                 waiter.idle("waiting for frames", &mut alive)?;
                 continue;
             };
@@ -636,11 +570,7 @@ fn child_frame_consumer() {
             let want = &mut expected[..p.len];
             fill_payload(seq, want);
             if f.payload() != &want[..] {
-                let at = f
-                    .payload()
-                    .iter()
-                    .zip(want.iter())
-                    .position(|(a, b)| a != b);
+                let at = f.payload().iter().zip(want.iter()).position(|(a, b)| a != b);
                 return Err(format!("frame {seq}: payload differs at byte {at:?}"));
             }
             if f.payload().as_ptr() as usize % 8 != 0 {
@@ -651,10 +581,7 @@ fn child_frame_consumer() {
         }
         // The parent wrote exactly FRAMES frames: nothing may follow.
         if let Some(f) = rx.try_read().map_err(|e| e.to_string())? {
-            return Err(format!(
-                "an extra frame of kind {} after the last one",
-                f.kind()
-            ));
+            return Err(format!("an extra frame of kind {} after the last one", f.kind()));
         }
         Ok((seq, hash))
     });

@@ -223,10 +223,7 @@ fn under_watchdog<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 
         );
         std::thread::sleep(Duration::from_millis(2));
     }
-    match handle
-        .join()
-        .expect("the watchdog thread itself does not panic")
-    {
+    match handle.join().expect("the watchdog thread itself does not panic") {
         Ok(r) => r,
         Err(p) => {
             let msg = p
@@ -253,9 +250,7 @@ fn frame_consumer_poisoned(rx: &mut frame::Consumer, e: RingError) -> Result<(),
     ];
     for (i, got) in again.iter().enumerate() {
         if *got != Some(e) {
-            return Err(format!(
-                "frame consumer call {i} after {e:?} returned {got:?}"
-            ));
+            return Err(format!("frame consumer call {i} after {e:?} returned {got:?}"));
         }
     }
     Ok(())
@@ -271,9 +266,7 @@ fn frame_producer_poisoned(tx: &mut frame::Producer, e: RingError) -> Result<(),
     ];
     for (i, got) in again.iter().enumerate() {
         if *got != Some(b) {
-            return Err(format!(
-                "frame producer call {i} after {e:?} returned {got:?}"
-            ));
+            return Err(format!("frame producer call {i} after {e:?} returned {got:?}"));
         }
     }
     Ok(())
@@ -288,9 +281,7 @@ fn record_consumer_poisoned(rx: &mut record::Consumer<u64>, e: RingError) -> Res
     ];
     for (i, got) in again.iter().enumerate() {
         if *got != Some(e) {
-            return Err(format!(
-                "record consumer call {i} after {e:?} returned {got:?}"
-            ));
+            return Err(format!("record consumer call {i} after {e:?} returned {got:?}"));
         }
     }
     Ok(())
@@ -307,9 +298,7 @@ fn record_producer_poisoned(tx: &mut record::Producer<u64>, e: RingError) -> Res
     ];
     for (i, got) in again.iter().enumerate() {
         if *got != Some(e) {
-            return Err(format!(
-                "record producer call {i} after {e:?} returned {got:?}"
-            ));
+            return Err(format!("record producer call {i} after {e:?} returned {got:?}"));
         }
     }
     Ok(())
@@ -341,9 +330,7 @@ fn advance(tx: &mut frame::Producer, rx: &mut frame::Consumer, pos: u64) {
 
 /// Checks the consumer's error, its poisoning, and that repairing the region does not cure it.
 fn expect_consumer_error(region: &RegionRef, rx: &mut frame::Consumer, want: RingError) {
-    let got = rx
-        .try_read()
-        .map(|f| f.map(|f| (f.kind(), f.payload().len())));
+    let got = rx.try_read().map(|f| f.map(|f| (f.kind(), f.payload().len())));
     assert_eq!(got, Err(want));
     frame_consumer_poisoned(rx, want).unwrap();
     // Make the region look healthy again: still poisoned.
@@ -541,10 +528,7 @@ fn frame_head_out_of_range() {
             tail: 320,
             last_head,
         };
-        assert_eq!(
-            tx.try_push(2, &[9; 56]),
-            Err(frame::ReserveError::Broken(want))
-        );
+        assert_eq!(tx.try_push(2, &[9; 56]), Err(frame::ReserveError::Broken(want)));
         frame_producer_poisoned(&mut tx, want).unwrap();
         set_pos(&region, HEAD, 320);
         frame_producer_poisoned(&mut tx, want).unwrap();
@@ -684,14 +668,9 @@ fn check_frame(region: &RegionRef, f: &frame::Frame<'_>, read_bytes: bool) -> Re
     if f.kind() == 0 || f.kind() == frame::PADDING {
         return Err(format!("lent a frame of reserved kind {:#x}", f.kind()));
     }
-    if !in_data_area(region, p.as_ptr(), p.len())
-        || (p.as_ptr() as usize) < region.as_ptr() as usize + CONTROL_SIZE + 8
+    if !in_data_area(region, p.as_ptr(), p.len()) || (p.as_ptr() as usize) < region.as_ptr() as usize + CONTROL_SIZE + 8
     {
-        return Err(format!(
-            "payload {:p}+{} outside the data area",
-            p.as_ptr(),
-            p.len()
-        ));
+        return Err(format!("payload {:p}+{} outside the data area", p.as_ptr(), p.len()));
     }
     if p.as_ptr() as usize % 8 != 0 {
         return Err("payload not 8-aligned".to_owned());
@@ -714,8 +693,7 @@ fn frame_round_trip(region: RegionRef, cap: usize, seed: u64, rounds: u32) -> Re
         for _ in 0..rng.below(4) {
             let len = rng.below(cap as u64 / 2) as usize;
             match tx.try_push(1 + rng.below(100) as u32, &payload[..len]) {
-                Ok(())
-                | Err(frame::ReserveError::Full { .. } | frame::ReserveError::TooLarge { .. }) => {}
+                Ok(()) | Err(frame::ReserveError::Full { .. } | frame::ReserveError::TooLarge { .. }) => {}
                 Err(frame::ReserveError::Broken(e)) => {
                     seen.error(e);
                     frame_producer_poisoned(&mut tx, e)?;
@@ -759,10 +737,7 @@ fn frame_round_trip(region: RegionRef, cap: usize, seed: u64, rounds: u32) -> Re
 fn frame_scribble_then_read() {
     for (cap, seed) in [(64usize, 1u64), (256, 2), (1024, 3)] {
         let region = RegionRef::heap(frame::region_size(cap));
-        let seen = under_watchdog("frame reader", move || {
-            frame_round_trip(region, cap, seed, 50_000)
-        })
-        .unwrap();
+        let seen = under_watchdog("frame reader", move || frame_round_trip(region, cap, seed, 50_000)).unwrap();
         // The loop must have explored: valid frames, empty reads, and every consumer-side
         // error (the seed is fixed, so this is deterministic).
         assert!(seen.frames > 10_000, "cap {cap}: {seen:?}");
@@ -779,11 +754,7 @@ fn frame_scribble_then_read() {
 
 fn check_records(region: &RegionRef, g: &[u64], read_values: bool) -> Result<(), String> {
     if !in_data_area(region, g.as_ptr().cast(), std::mem::size_of_val(g)) {
-        return Err(format!(
-            "records {:p}+{} outside the data area",
-            g.as_ptr(),
-            g.len()
-        ));
+        return Err(format!("records {:p}+{} outside the data area", g.as_ptr(), g.len()));
     }
     if read_values {
         std::hint::black_box(g.iter().fold(0u64, |a, &b| a ^ b));
@@ -832,12 +803,7 @@ fn read_records(
     Ok(Err(e))
 }
 
-fn record_round_trip(
-    region: RegionRef,
-    cap: usize,
-    seed: u64,
-    rounds: u32,
-) -> Result<Seen, String> {
+fn record_round_trip(region: RegionRef, cap: usize, seed: u64, rounds: u32) -> Result<Seen, String> {
     let mut rng = Rng(seed);
     let kind = Kind::Records(cap);
     let mut seen = Seen::default();
@@ -884,10 +850,7 @@ fn record_round_trip(
 fn record_scribble_then_read() {
     for (cap, seed) in [(4usize, 4u64), (64, 5)] {
         let region = RegionRef::heap(record::region_size::<u64>(cap));
-        let seen = under_watchdog("record reader", move || {
-            record_round_trip(region, cap, seed, 50_000)
-        })
-        .unwrap();
+        let seen = under_watchdog("record reader", move || record_round_trip(region, cap, seed, 50_000)).unwrap();
         assert!(seen.frames > 10_000, "cap {cap}: {seen:?}");
         assert!(seen.empty > 100, "cap {cap}: {seen:?}");
         assert!(seen.tail_out_of_range > 0, "cap {cap}: {seen:?}");
@@ -963,8 +926,7 @@ fn race<R: Send + 'static>(
 /// a scribbler that was not scheduled does not make the test pass vacuously), or [`RACE_TIME`]
 /// has passed (the caller then checks [`RACE_FLOOR`]).
 fn raced_enough(iters: u64, count: &AtomicU64, start: Instant) -> bool {
-    (iters >= RACE_ITERS && count.load(Ordering::Relaxed) >= RACE_SCRIBBLES)
-        || start.elapsed() > RACE_TIME
+    (iters >= RACE_ITERS && count.load(Ordering::Relaxed) >= RACE_SCRIBBLES) || start.elapsed() > RACE_TIME
 }
 
 /// Puts both positions at the current tail (8-aligned for frames), atomically, so that a ring
@@ -982,49 +944,41 @@ fn frame_reader_races_scribbler() {
     for (cap, seed) in [(256usize, 11u64), (4096, 12)] {
         let region = RegionRef::heap(frame::region_size(cap));
         let r = region.clone();
-        let seen = race(
-            "racing frame reader",
-            &region,
-            Kind::Frames(cap),
-            seed,
-            move |count| {
-                let region = r;
-                let mut rng = Rng(seed ^ 0xABCD);
-                let mut seen = Seen::default();
-                let payload = vec![0x77u8; cap];
-                let mut tx = frame::Producer::attach(region.clone()).unwrap();
-                let mut rx = frame::Consumer::attach(region.clone()).unwrap();
-                let start = Instant::now();
-                let mut iters = 0u64;
-                while !raced_enough(iters, &count, start) {
-                    iters += 1;
-                    let len = rng.below(cap as u64 / 2) as usize;
-                    let mut broken = false;
-                    if let Err(frame::ReserveError::Broken(e)) =
-                        tx.try_push(1 + rng.below(9) as u32, &payload[..len])
-                    {
+        let seen = race("racing frame reader", &region, Kind::Frames(cap), seed, move |count| {
+            let region = r;
+            let mut rng = Rng(seed ^ 0xABCD);
+            let mut seen = Seen::default();
+            let payload = vec![0x77u8; cap];
+            let mut tx = frame::Producer::attach(region.clone()).unwrap();
+            let mut rx = frame::Consumer::attach(region.clone()).unwrap();
+            let start = Instant::now();
+            let mut iters = 0u64;
+            while !raced_enough(iters, &count, start) {
+                iters += 1;
+                let len = rng.below(cap as u64 / 2) as usize;
+                let mut broken = false;
+                if let Err(frame::ReserveError::Broken(e)) = tx.try_push(1 + rng.below(9) as u32, &payload[..len]) {
+                    seen.error(e);
+                    frame_producer_poisoned(&mut tx, e)?;
+                    broken = true;
+                }
+                // The payload may be changing under us: check where it is, not what it says.
+                match read_frame(&region, &mut rx, false)? {
+                    Ok(true) => seen.frames += 1,
+                    Ok(false) => seen.empty += 1,
+                    Err(e) => {
                         seen.error(e);
-                        frame_producer_poisoned(&mut tx, e)?;
                         broken = true;
                     }
-                    // The payload may be changing under us: check where it is, not what it says.
-                    match read_frame(&region, &mut rx, false)? {
-                        Ok(true) => seen.frames += 1,
-                        Ok(false) => seen.empty += 1,
-                        Err(e) => {
-                            seen.error(e);
-                            broken = true;
-                        }
-                    }
-                    if broken {
-                        heal(&region, 8);
-                        rx = frame::Consumer::attach(region.clone()).unwrap();
-                        tx = frame::Producer::attach(region.clone()).unwrap();
-                    }
                 }
-                Ok::<_, String>((seen, iters, count.load(Ordering::Relaxed)))
-            },
-        );
+                if broken {
+                    heal(&region, 8);
+                    rx = frame::Consumer::attach(region.clone()).unwrap();
+                    tx = frame::Producer::attach(region.clone()).unwrap();
+                }
+            }
+            Ok::<_, String>((seen, iters, count.load(Ordering::Relaxed)))
+        });
         let (seen, iters, scribbles) = seen.unwrap();
         assert!(
             iters >= RACE_FLOOR && scribbles >= RACE_FLOOR,
@@ -1138,22 +1092,14 @@ fn reader_survives_scribbler_process() {
     let seg = Segment::create(
         &name,
         "hostile",
-        &[
-            RingSpec::frames(XCAP_FRAMES),
-            RingSpec::records::<u64>(XCAP_RECORDS),
-        ],
+        &[RingSpec::frames(XCAP_FRAMES), RingSpec::records::<u64>(XCAP_RECORDS)],
     )
     .unwrap();
     let frames = seg.ring_region(0).unwrap();
     let records = seg.ring_region(1).unwrap();
     let exe = std::env::current_exe().unwrap();
     let child = Command::new(exe)
-        .args([
-            "--exact",
-            "child_scribbler",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "child_scribbler", "--nocapture", "--test-threads=1"])
         .env(CHILD_VAR, &name)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1180,9 +1126,7 @@ fn reader_survives_scribbler_process() {
             );
             while !stop_reader.load(Ordering::Relaxed) {
                 let len = rng.below(XCAP_FRAMES / 2) as usize;
-                if let Err(frame::ReserveError::Broken(e)) =
-                    ftx.try_push(1 + rng.below(9) as u32, &payload[..len])
-                {
+                if let Err(frame::ReserveError::Broken(e)) = ftx.try_push(1 + rng.below(9) as u32, &payload[..len]) {
                     seen.error(e);
                     frame_producer_poisoned(&mut ftx, e)?;
                 }

@@ -188,11 +188,7 @@ struct RecStats {
     partial_consumes: u64,
 }
 
-fn check_records<T: Val>(
-    cap: usize,
-    ops: &[RecOp],
-    stats: &mut RecStats,
-) -> Result<(), TestCaseError> {
+fn check_records<T: Val>(cap: usize, ops: &[RecOp], stats: &mut RecStats) -> Result<(), TestCaseError> {
     let region = RegionRef::heap(record::region_size::<T>(cap));
     let (data_start, data_end) = data_area(&region);
     let (mut tx, mut rx) = record::channel::<T>(region.clone()).unwrap();
@@ -209,25 +205,24 @@ fn check_records<T: Val>(
     let size = std::mem::size_of::<T>();
 
     // push_slice of `n` fresh records, checked against the model (which it updates).
-    let push_batch =
-        |tx: &mut record::Producer<T>, m: &mut RecModel, n: usize, stats: &mut RecStats| {
-            let seqs = m.batch(n);
-            let values: Vec<T> = seqs.iter().map(|&s| T::make(s)).collect();
-            let expect = (n as u64).min(m.free()) as usize;
-            let got = tx.push_slice(&values).unwrap();
-            prop_assert_eq!(got, expect, "push_slice of {} with {} free", n, m.free());
-            if got < n {
-                stats.partial_batches += 1;
-            }
-            if got > 0 && (m.tail % m.cap) + got as u64 > m.cap {
-                stats.wrapped_batches += 1;
-            }
-            m.q.extend(&seqs[..got]);
-            m.tail += got as u64;
-            // The records that did not fit are never pushed; keep the sequence dense.
-            m.next -= (n - got) as u64;
-            Ok(())
-        };
+    let push_batch = |tx: &mut record::Producer<T>, m: &mut RecModel, n: usize, stats: &mut RecStats| {
+        let seqs = m.batch(n);
+        let values: Vec<T> = seqs.iter().map(|&s| T::make(s)).collect();
+        let expect = (n as u64).min(m.free()) as usize;
+        let got = tx.push_slice(&values).unwrap();
+        prop_assert_eq!(got, expect, "push_slice of {} with {} free", n, m.free());
+        if got < n {
+            stats.partial_batches += 1;
+        }
+        if got > 0 && (m.tail % m.cap) + got as u64 > m.cap {
+            stats.wrapped_batches += 1;
+        }
+        m.q.extend(&seqs[..got]);
+        m.tail += got as u64;
+        // The records that did not fit are never pushed; keep the sequence dense.
+        m.next -= (n - got) as u64;
+        Ok(())
+    };
 
     for op in ops {
         match *op {
@@ -258,33 +253,17 @@ fn check_records<T: Val>(
                 let expect = m.lend(max);
                 let start = (m.head % m.cap) as usize;
                 let guard = rx.read(max).unwrap();
-                prop_assert_eq!(
-                    guard.len() as u64,
-                    expect,
-                    "read({}) lent the wrong count",
-                    max
-                );
+                prop_assert_eq!(guard.len() as u64, expect, "read({}) lent the wrong count", max);
                 if expect == 0 {
                     stats.empty_reads += 1;
-                } else if start as u64 + expect == m.cap
-                    && m.cached_tail - m.head > expect
-                    && max as u64 > expect
-                {
+                } else if start as u64 + expect == m.cap && m.cached_tail - m.head > expect && max as u64 > expect {
                     stats.cut_at_end += 1;
                 }
                 // Lent in place, at the head's slot, inside the data area.
                 let p = guard.as_ptr() as usize;
-                prop_assert_eq!(
-                    p,
-                    data_start + start * size,
-                    "read lent from the wrong slot"
-                );
+                prop_assert_eq!(p, data_start + start * size, "read lent from the wrong slot");
                 prop_assert!(p + guard.len() * size <= data_end);
-                let expected: Vec<T> =
-                    m.q.iter()
-                        .take(expect as usize)
-                        .map(|&s| T::make(s))
-                        .collect();
+                let expected: Vec<T> = m.q.iter().take(expect as usize).map(|&s| T::make(s)).collect();
                 prop_assert_eq!(&guard[..], &expected[..]);
                 if let Some(n) = held_push {
                     // The lent records are not released yet: the producer must not reuse them.
@@ -361,19 +340,10 @@ fn record_model<T: Val>() {
     assert!(s.full > 0, "never hit Full: {s:?}");
     assert!(s.partial_batches > 0, "no batch was cut short: {s:?}");
     assert!(s.wrapped_batches > 0, "no batch wrapped around: {s:?}");
-    assert!(
-        s.cut_at_end > 0,
-        "no read was cut at the end of the data area: {s:?}"
-    );
+    assert!(s.cut_at_end > 0, "no read was cut at the end of the data area: {s:?}");
     assert!(s.empty_reads > 0, "never read an empty ring: {s:?}");
-    assert!(
-        s.held_pushes > 0,
-        "never pushed while a guard was held: {s:?}"
-    );
-    assert!(
-        s.partial_consumes > 0,
-        "never consumed part of a guard: {s:?}"
-    );
+    assert!(s.held_pushes > 0, "never pushed while a guard was held: {s:?}");
+    assert!(s.partial_consumes > 0, "never consumed part of a guard: {s:?}");
 }
 
 #[test]
@@ -395,11 +365,7 @@ enum FrameOp {
     /// `try_push(kind, payload)` with a payload of `len` bytes.
     Push { kind: u32, len: usize },
     /// `try_reserve(len)`, write in place, `commit_len(kind, commit)` with `commit <= len`.
-    ReserveCommit {
-        kind: u32,
-        len: usize,
-        commit: usize,
-    },
+    ReserveCommit { kind: u32, len: usize, commit: usize },
     /// `try_reserve(len)`, scribble over the grant, drop it: nothing may become visible.
     ReserveAbandon { len: usize },
     /// `try_read`; optionally push while the frame is held (its space is not released yet).
@@ -485,11 +451,7 @@ impl FrameModel {
         let total = 8 + (len as u64).div_ceil(8) * 8;
         let off = self.tail % self.cap;
         let contiguous = self.cap - off;
-        let needed = if total <= contiguous {
-            total
-        } else {
-            contiguous + total
-        };
+        let needed = if total <= contiguous { total } else { contiguous + total };
         let free = self.cap - (self.tail - self.head);
         if free < needed {
             return Err(frame::ReserveError::Full {
@@ -547,11 +509,7 @@ fn check_frames(cap: usize, ops: &[FrameOp], stats: &mut FrameStats) -> Result<(
     prop_assert_eq!(tx.max_payload(), m.max());
 
     // try_push of a fresh frame, checked against the model (which it updates).
-    let push = |tx: &mut frame::Producer,
-                m: &mut FrameModel,
-                kind: u32,
-                len: usize,
-                stats: &mut FrameStats| {
+    let push = |tx: &mut frame::Producer, m: &mut FrameModel, kind: u32, len: usize, stats: &mut FrameStats| {
         let expect = if kind == 0 || kind == frame::PADDING {
             Err(frame::ReserveError::ReservedKind(kind))
         } else {
@@ -618,10 +576,7 @@ fn check_frames(cap: usize, ops: &[FrameOp], stats: &mut FrameStats) -> Result<(
                             let buf = grant.bytes_mut();
                             prop_assert_eq!(buf.len(), len);
                             let p = buf.as_ptr() as usize;
-                            prop_assert_eq!(
-                                p,
-                                data_start + (start % m.cap) as usize + frame::HEADER
-                            );
+                            prop_assert_eq!(p, data_start + (start % m.cap) as usize + frame::HEADER);
                             prop_assert!(p + len <= data_end);
                             buf[..commit].copy_from_slice(&bytes);
                             // The tail of the reservation that is not committed: garbage.
@@ -695,11 +650,7 @@ fn check_frames(cap: usize, ops: &[FrameOp], stats: &mut FrameStats) -> Result<(
                             // The held frame's space is not released: the model's head stays.
                             stats.held_pushes += 1;
                             push(&mut tx, &mut m, kind, len, stats)?;
-                            prop_assert_eq!(
-                                f.payload(),
-                                &m.q[0].payload[..],
-                                "a push overwrote a held frame"
-                            );
+                            prop_assert_eq!(f.payload(), &m.q[0].payload[..], "a push overwrote a held frame");
                         }
                         drop(f);
                         let done = m.q.pop_front().unwrap();
@@ -761,10 +712,7 @@ fn frame_ring_matches_model() {
         s.abandoned_padded > 0,
         "never abandoned a grant that needed padding: {s:?}"
     );
-    assert!(
-        s.held_pushes > 0,
-        "never pushed while a frame was held: {s:?}"
-    );
+    assert!(s.held_pushes > 0, "never pushed while a frame was held: {s:?}");
     assert!(s.empty_reads > 0, "never read an empty ring: {s:?}");
 }
 
@@ -790,10 +738,7 @@ fn abandoned_padding_is_invisible() {
         let mut g = tx.try_reserve(24).unwrap();
         g.bytes_mut().fill(0xFF);
     }
-    assert!(
-        rx.try_read().unwrap().is_none(),
-        "an abandoned grant became visible"
-    );
+    assert!(rx.try_read().unwrap().is_none(), "an abandoned grant became visible");
     assert_eq!(ring::positions(&region), (112, 112));
     // This one fits before the end exactly: no padding, and it must be read as itself.
     tx.try_push(9, &[7; 8]).unwrap();
@@ -814,10 +759,7 @@ fn commit_len_panics_on_caller_bugs_and_publishes_nothing() {
             let g = tx.try_reserve(16).unwrap();
             g.commit_len(kind, len);
         }));
-        assert!(
-            r.is_err(),
-            "commit_len({kind}, {len}) of a 16-byte grant did not panic"
-        );
+        assert!(r.is_err(), "commit_len({kind}, {len}) of a 16-byte grant did not panic");
         assert!(rx.try_read().unwrap().is_none());
         assert_eq!(ring::positions(&region), (0, 0));
     }

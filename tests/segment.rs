@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use plugbus::segment::header::{Fixed, STATE_ATTACHED, STATE_DETACHED, STATE_READY};
 use plugbus::segment::{
-    Header, LAYOUT_VERSION, MAGIC, MAX_NAME, MAX_RINGS, RingDesc, RingKind, RingSpec, Segment,
-    SegmentCreateError, SegmentOpenError, Side, stale, unique_name, valid_name,
+    Header, LAYOUT_VERSION, MAGIC, MAX_NAME, MAX_RINGS, RingDesc, RingKind, RingSpec, Segment, SegmentCreateError,
+    SegmentOpenError, Side, stale, unique_name, valid_name,
 };
 use plugbus::sync::Ordering;
 
@@ -33,12 +33,7 @@ fn shm_path(name: &str) -> PathBuf {
 /// A segment with a frame ring and a record ring, and its size.
 fn two_rings(tag: &str) -> (Segment, u64) {
     let name = unique_name(tag);
-    let seg = Segment::create(
-        &name,
-        tag,
-        &[RingSpec::frames(4096), RingSpec::records::<u64>(64)],
-    )
-    .unwrap();
+    let seg = Segment::create(&name, tag, &[RingSpec::frames(4096), RingSpec::records::<u64>(64)]).unwrap();
     let size = seg.len() as u64;
     // The untouched segment opens: whatever fails later is the corruption's doing.
     Segment::open_unattached(&name).expect("a fresh segment opens");
@@ -84,11 +79,7 @@ fn corrupt_reason(e: SegmentOpenError) -> String {
 fn wrong_magic() {
     let (seg, _) = two_rings("magic");
     let bad = u64::from_le_bytes(*b"PLUGBUS\x02");
-    write_at(
-        seg.name(),
-        fixed(offset_of!(Fixed, magic)),
-        &bad.to_ne_bytes(),
-    );
+    write_at(seg.name(), fixed(offset_of!(Fixed, magic)), &bad.to_ne_bytes());
     match open_err(seg.name()) {
         SegmentOpenError::NotPlugbus { name, found } => {
             assert_eq!(name, seg.name());
@@ -97,11 +88,7 @@ fn wrong_magic() {
         other => panic!("expected NotPlugbus, got {other:?}"),
     }
     // A segment whose creator has not published the magic yet looks the same.
-    write_at(
-        seg.name(),
-        fixed(offset_of!(Fixed, magic)),
-        &0u64.to_ne_bytes(),
-    );
+    write_at(seg.name(), fixed(offset_of!(Fixed, magic)), &0u64.to_ne_bytes());
     assert!(matches!(
         open_err(seg.name()),
         SegmentOpenError::NotPlugbus { found: 0, .. }
@@ -122,9 +109,7 @@ fn wrong_version() {
         &(LAYOUT_VERSION + 1).to_ne_bytes(),
     );
     match open_err(seg.name()) {
-        SegmentOpenError::WrongVersion {
-            found, expected, ..
-        } => {
+        SegmentOpenError::WrongVersion { found, expected, .. } => {
             assert_eq!((found, expected), (LAYOUT_VERSION + 1, LAYOUT_VERSION));
         }
         other => panic!("expected WrongVersion, got {other:?}"),
@@ -135,11 +120,7 @@ fn wrong_version() {
 fn wrong_header_size() {
     let (seg, _) = two_rings("hdrsize");
     let bad = size_of::<Header>() as u32 + 128;
-    write_at(
-        seg.name(),
-        fixed(offset_of!(Fixed, header_size)),
-        &bad.to_ne_bytes(),
-    );
+    write_at(seg.name(), fixed(offset_of!(Fixed, header_size)), &bad.to_ne_bytes());
     let reason = corrupt_reason(open_err(seg.name()));
     assert!(reason.contains("header size"), "{reason}");
 }
@@ -155,9 +136,7 @@ fn truncated_below_the_header() {
             .set_len(len)
             .unwrap();
         match open_err(seg.name()) {
-            SegmentOpenError::Truncated {
-                expected, actual, ..
-            } => {
+            SegmentOpenError::Truncated { expected, actual, .. } => {
                 assert_eq!((expected, actual), (size_of::<Header>() as u64, len));
             }
             other => panic!("expected Truncated at {len} bytes, got {other:?}"),
@@ -177,9 +156,7 @@ fn truncated_below_the_segment_size() {
         .set_len(len)
         .unwrap();
     match open_err(seg.name()) {
-        SegmentOpenError::Truncated {
-            expected, actual, ..
-        } => assert_eq!((expected, actual), (size, len)),
+        SegmentOpenError::Truncated { expected, actual, .. } => assert_eq!((expected, actual), (size, len)),
         other => panic!("expected Truncated, got {other:?}"),
     }
 }
@@ -206,9 +183,7 @@ fn segment_size_field_larger_than_the_file() {
         &(size * 2).to_ne_bytes(),
     );
     match open_err(seg.name()) {
-        SegmentOpenError::Truncated {
-            expected, actual, ..
-        } => assert_eq!((expected, actual), (size * 2, size)),
+        SegmentOpenError::Truncated { expected, actual, .. } => assert_eq!((expected, actual), (size * 2, size)),
         other => panic!("expected Truncated, got {other:?}"),
     }
 }
@@ -234,17 +209,11 @@ fn ring_offset_beyond_the_end() {
     let (seg, size) = two_rings("ring-end");
     let d = seg.rings()[1];
     let ring_len = d.capacity * u64::from(d.unit) + plugbus::ring::CONTROL_SIZE as u64;
-    write_at(
-        seg.name(),
-        desc(1, offset_of!(RingDesc, offset)),
-        &size.to_ne_bytes(),
-    );
+    write_at(seg.name(), desc(1, offset_of!(RingDesc, offset)), &size.to_ne_bytes());
     // The header's segment size matches the file; the ring claims bytes past it. `open`
     // reports that as "shorter than the header says", naming the byte the ring needs.
     match open_err(seg.name()) {
-        SegmentOpenError::Truncated {
-            expected, actual, ..
-        } => {
+        SegmentOpenError::Truncated { expected, actual, .. } => {
             assert_eq!((expected, actual), (size + ring_len, size));
         }
         other => panic!("expected Truncated, got {other:?}"),
@@ -260,10 +229,7 @@ fn ring_running_past_the_end() {
         desc(1, offset_of!(RingDesc, offset)),
         &(size - 256).to_ne_bytes(),
     );
-    assert!(matches!(
-        open_err(seg.name()),
-        SegmentOpenError::Truncated { .. }
-    ));
+    assert!(matches!(open_err(seg.name()), SegmentOpenError::Truncated { .. }));
 }
 
 #[test]
@@ -290,11 +256,7 @@ fn ring_size_overflows() {
 fn ring_capacity_not_a_power_of_two() {
     for cap in [0u64, 3, 3000, 4097] {
         let (seg, _) = two_rings("ring-pow2");
-        write_at(
-            seg.name(),
-            desc(0, offset_of!(RingDesc, capacity)),
-            &cap.to_ne_bytes(),
-        );
+        write_at(seg.name(), desc(0, offset_of!(RingDesc, capacity)), &cap.to_ne_bytes());
         let reason = corrupt_reason(open_err(seg.name()));
         assert!(reason.contains("power of two"), "capacity {cap}: {reason}");
     }
@@ -315,11 +277,7 @@ fn overlapping_rings() {
     // Both descriptors at the same place.
     let (seg, _) = two_rings("overlap2");
     let first = seg.rings()[0].offset;
-    write_at(
-        seg.name(),
-        desc(1, offset_of!(RingDesc, offset)),
-        &first.to_ne_bytes(),
-    );
+    write_at(seg.name(), desc(1, offset_of!(RingDesc, offset)), &first.to_ne_bytes());
     let reason = corrupt_reason(open_err(seg.name()));
     assert!(reason.contains("overlap"), "{reason}");
 }
@@ -329,11 +287,7 @@ fn ring_offset_misplaced() {
     // Not on a 128-byte line, and inside the header.
     for off in [4096u64 + 8, 0, 128] {
         let (seg, _) = two_rings("misplaced");
-        write_at(
-            seg.name(),
-            desc(0, offset_of!(RingDesc, offset)),
-            &off.to_ne_bytes(),
-        );
+        write_at(seg.name(), desc(0, offset_of!(RingDesc, offset)), &off.to_ne_bytes());
         let reason = corrupt_reason(open_err(seg.name()));
         assert!(reason.contains("misplaced"), "offset {off}: {reason}");
     }
@@ -351,10 +305,7 @@ fn ring_kind_and_unit() {
         let (seg, _) = two_rings("kind-unit");
         write_at(seg.name(), desc(ring, field), &value.to_ne_bytes());
         let reason = corrupt_reason(open_err(seg.name()));
-        assert!(
-            reason.contains(word),
-            "ring {ring} field {field} = {value}: {reason}"
-        );
+        assert!(reason.contains(word), "ring {ring} field {field} = {value}: {reason}");
     }
 }
 
@@ -379,10 +330,7 @@ fn descriptors_round_trip() {
     );
     assert_eq!(other.header().fixed.magic.load(Ordering::Acquire), MAGIC);
     assert_eq!(other.header().fixed.creator_pid, std::process::id());
-    assert_eq!(
-        other.header().shared.state.load(Ordering::Acquire),
-        STATE_READY
-    );
+    assert_eq!(other.header().shared.state.load(Ordering::Acquire), STATE_READY);
     assert!(other.peer_alive(), "the creator (this process) is alive");
     let tag = &other.header().fixed.tag;
     assert_eq!(&tag[..b"round-trip".len()], b"round-trip");
@@ -417,10 +365,7 @@ fn permissions_are_0600_whatever_the_umask() {
         // SAFETY: as above; restores the previous mask.
         unsafe { libc::umask(old) };
         let seg = seg.unwrap();
-        let mode = std::fs::metadata(shm_path(seg.name()))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(shm_path(seg.name())).unwrap().permissions().mode();
         assert_eq!(mode & 0o7777, 0o600, "umask {mask:o}: mode {mode:o}");
     }
 }
@@ -453,10 +398,7 @@ fn invalid_names() {
             "open {name:?}"
         );
         assert!(
-            matches!(
-                Segment::open_unattached(name),
-                Err(SegmentOpenError::InvalidName(_))
-            ),
+            matches!(Segment::open_unattached(name), Err(SegmentOpenError::InvalidName(_))),
             "open_unattached {name:?}"
         );
     }
@@ -470,11 +412,7 @@ fn invalid_names() {
 
 #[test]
 fn bad_ring_specs_are_refused_at_creation() {
-    let spec = |kind, unit, capacity| RingSpec {
-        kind,
-        unit,
-        capacity,
-    };
+    let spec = |kind, unit, capacity| RingSpec { kind, unit, capacity };
     let cases = [
         vec![spec(RingKind::Frame, 8, 100)],
         vec![spec(RingKind::Frame, 8, 32)],
@@ -489,10 +427,7 @@ fn bad_ring_specs_are_refused_at_creation() {
             Err(SegmentCreateError::BadRing { .. }) => {}
             other => panic!("{rings:?}: expected BadRing, got {other:?}"),
         }
-        assert!(
-            !shm_path(&name).exists(),
-            "a refused creation left {name} behind"
-        );
+        assert!(!shm_path(&name).exists(), "a refused creation left {name} behind");
     }
 }
 
@@ -500,9 +435,7 @@ fn bad_ring_specs_are_refused_at_creation() {
 fn missing_segment() {
     let name = unique_name("missing");
     assert!(matches!(Segment::open(&name), Err(SegmentOpenError::NotFound(ref n)) if *n == name));
-    assert!(stale::is_not_found(
-        &Segment::open_unattached(&name).unwrap_err()
-    ));
+    assert!(stale::is_not_found(&Segment::open_unattached(&name).unwrap_err()));
 }
 
 #[test]
@@ -518,10 +451,7 @@ fn unlinked_when_the_creator_drops() {
         !shm_path(&name).exists(),
         "{name} still exists after the creator dropped"
     );
-    assert!(matches!(
-        Segment::open(&name),
-        Err(SegmentOpenError::NotFound(_))
-    ));
+    assert!(matches!(Segment::open(&name), Err(SegmentOpenError::NotFound(_))));
 }
 
 #[test]
@@ -578,11 +508,7 @@ impl ChildProc {
                 }
             }
         });
-        Self {
-            child,
-            stdin,
-            lines,
-        }
+        Self { child, stdin, lines }
     }
 
     fn pid(&self) -> u32 {
@@ -620,11 +546,7 @@ impl ChildProc {
             );
             std::thread::sleep(Duration::from_millis(5));
         };
-        assert!(
-            status.success(),
-            "child {} failed: {status}",
-            self.child.id()
-        );
+        assert!(status.success(), "child {} failed: {status}", self.child.id());
     }
 
     /// SIGKILL, then reap.
@@ -736,10 +658,7 @@ fn second_live_attacher_is_refused() {
     );
     assert!(!seg.peer_alive());
     let mine = Segment::open(&name).expect("a dead attacher's slot is reclaimed");
-    assert_eq!(
-        shared.attacher_pid.load(Ordering::Acquire),
-        std::process::id()
-    );
+    assert_eq!(shared.attacher_pid.load(Ordering::Acquire), std::process::id());
 
     // Now we hold it: a third process is refused, with our pid.
     let mut c = ChildProc::spawn("child_attacher", "attacher", &name);
@@ -798,10 +717,7 @@ fn stale_segment_of_a_killed_creator() {
 
     let removed = stale::remove_stale().unwrap();
     assert!(removed.contains(&name), "{name} not removed: {removed:?}");
-    assert!(
-        !removed.iter().any(|n| n == mine.name()),
-        "removed our live segment"
-    );
+    assert!(!removed.iter().any(|n| n == mine.name()), "removed our live segment");
     // Whatever else was removed was someone else's stale segment, never one of ours.
     let ours = format!("plugbus.{}.", std::process::id());
     assert!(!removed.iter().any(|n| n.starts_with(&ours)), "{removed:?}");
@@ -850,17 +766,11 @@ fn inspection_keeps_the_attachment() {
     let seg = Segment::create(&name, "inspect", &[RingSpec::frames(64)]).unwrap();
     let shared = &seg.header().shared;
     let attached = Segment::open(&name).unwrap();
-    assert_eq!(
-        shared.attacher_pid.load(Ordering::Acquire),
-        std::process::id()
-    );
+    assert_eq!(shared.attacher_pid.load(Ordering::Acquire), std::process::id());
     drop(Segment::open_unattached(&name).unwrap());
     let info = stale::inspect(&name);
     assert_eq!(info.attacher_pid, std::process::id(), "{info:?}");
-    assert_eq!(
-        shared.attacher_pid.load(Ordering::Acquire),
-        std::process::id()
-    );
+    assert_eq!(shared.attacher_pid.load(Ordering::Acquire), std::process::id());
     assert_eq!(shared.state.load(Ordering::Acquire), STATE_ATTACHED);
     // The real attachment still detaches normally.
     drop(attached);

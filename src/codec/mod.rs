@@ -39,9 +39,7 @@ pub use pool::{BufferPool, EnvelopePool, PoolStats};
 
 use prost::Message;
 use prost::bytes::Buf;
-use prost::encoding::{
-    DecodeContext, WireType, decode_key, encode_key, encode_varint, encoded_len_varint, key_len,
-};
+use prost::encoding::{DecodeContext, WireType, decode_key, encode_key, encode_varint, encoded_len_varint, key_len};
 
 use crate::proto::{self, EventEnvelope, HostToPlugin, PluginToHost};
 use crate::ring::frame::{self, ReserveError};
@@ -80,11 +78,7 @@ pub enum DecodeError {
 /// Encodes `msg` as one frame of `kind`: encoded length, reserve, encode in place, commit. No
 /// intermediate buffer.
 #[inline]
-pub fn encode_in_ring<M: Message>(
-    producer: &mut frame::Producer,
-    kind: u32,
-    msg: &M,
-) -> Result<usize, EncodeError> {
+pub fn encode_in_ring<M: Message>(producer: &mut frame::Producer, kind: u32, msg: &M) -> Result<usize, EncodeError> {
     let len = msg.encoded_len();
     let mut grant = producer.try_reserve(len)?;
     let mut out: &mut [u8] = grant.bytes_mut();
@@ -125,22 +119,14 @@ pub fn encode_field_in_ring<M: Message>(
 
 /// Writes one event as a `HostToPlugin { event }` frame, encoded in place.
 #[inline]
-pub fn encode_event_in_ring(
-    producer: &mut frame::Producer,
-    env: &EventEnvelope,
-) -> Result<usize, EncodeError> {
+pub fn encode_event_in_ring(producer: &mut frame::Producer, env: &EventEnvelope) -> Result<usize, EncodeError> {
     encode_field_in_ring(producer, KIND_HOST_TO_PLUGIN, HOST_TO_PLUGIN_EVENT, env)
 }
 
 /// Writes `body` (an already encoded message) as field `tag` of an enclosing message, into one
 /// frame of `kind`: used to send one encoding to several plugins.
 #[inline]
-pub fn write_field_frame(
-    producer: &mut frame::Producer,
-    kind: u32,
-    tag: u32,
-    body: &[u8],
-) -> Result<(), ReserveError> {
+pub fn write_field_frame(producer: &mut frame::Producer, kind: u32, tag: u32, body: &[u8]) -> Result<(), ReserveError> {
     let len = key_len(tag) + encoded_len_varint(body.len() as u64) + body.len();
     let mut grant = producer.try_reserve(len)?;
     let mut out: &mut [u8] = grant.bytes_mut();
@@ -308,11 +294,7 @@ impl std::fmt::Debug for HostDecoder {
 impl HostDecoder {
     /// Decodes one `HostToPlugin` frame payload, calling `f` for each message in order (each
     /// event of a batch separately). Returns the number of events.
-    pub fn decode(
-        &mut self,
-        bytes: &[u8],
-        mut f: impl FnMut(HostMessage<'_>),
-    ) -> Result<usize, DecodeError> {
+    pub fn decode(&mut self, bytes: &[u8], mut f: impl FnMut(HostMessage<'_>)) -> Result<usize, DecodeError> {
         self.decode_raw(bytes, |m, _| f(m))
     }
 
@@ -340,20 +322,13 @@ impl HostDecoder {
                         let len = usize::try_from(len)
                             .ok()
                             .filter(|&l| l <= batch.len())
-                            .ok_or(DecodeError::Framing(
-                                "event batch entry runs past the frame",
-                            ))?;
+                            .ok_or(DecodeError::Framing("event batch entry runs past the frame"))?;
                         let (body, rest) = batch.split_at(len);
                         batch = rest;
                         self.event(body, &mut f)?;
                         n += 1;
                     } else {
-                        prost::encoding::skip_field(
-                            wire_type,
-                            tag,
-                            &mut batch,
-                            DecodeContext::default(),
-                        )?;
+                        prost::encoding::skip_field(wire_type, tag, &mut batch, DecodeContext::default())?;
                     }
                 }
                 Ok(n)
@@ -366,11 +341,7 @@ impl HostDecoder {
         }
     }
 
-    fn event(
-        &mut self,
-        body: &[u8],
-        f: &mut impl FnMut(HostMessage<'_>, &[u8]),
-    ) -> Result<(), DecodeError> {
+    fn event(&mut self, body: &[u8], f: &mut impl FnMut(HostMessage<'_>, &[u8])) -> Result<(), DecodeError> {
         let number = peek_oneof(body, is_event_payload_variant)?.unwrap_or(0);
         let slot = &mut self.slots[(number as usize).min(SLOTS - 1)];
         let env = slot.get_or_insert_with(|| EventEnvelope {

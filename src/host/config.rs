@@ -224,7 +224,10 @@ impl PluginConfig {
         let id = Some(self.id.as_str());
         if self.id.is_empty()
             || self.id.len() > 48
-            || !self.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            || !self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         {
             return Err(ConfigError::new(
                 id,
@@ -240,7 +243,11 @@ impl PluginConfig {
                 return Err(ConfigError::new(id, Some("command"), "is empty"));
             }
             (Some(_), true) => {
-                return Err(ConfigError::new(id, Some("attach"), "an attached plugin has no command"));
+                return Err(ConfigError::new(
+                    id,
+                    Some("attach"),
+                    "an attached plugin has no command",
+                ));
             }
             _ => {}
         }
@@ -325,8 +332,7 @@ impl HostConfig {
                 .get("id")
                 .and_then(toml::Value::as_str)
                 .map_or_else(|| format!("plugin[{i}]"), str::to_owned);
-            let p: PluginConfig =
-                serde_path_to_error::deserialize(v).map_err(|e| field_error(Some(&label), "", &e))?;
+            let p: PluginConfig = serde_path_to_error::deserialize(v).map_err(|e| field_error(Some(&label), "", &e))?;
             plugins.push(p);
         }
         let cfg = Self { host, plugins };
@@ -341,10 +347,18 @@ impl HostConfig {
             return Err(ConfigError::new(None, Some("host"), "timeouts must be positive"));
         }
         if h.batch_max_events == 0 || h.batch_max_bytes == 0 || h.overflow_frames == 0 {
-            return Err(ConfigError::new(None, Some("host"), "batch and overflow limits must be positive"));
+            return Err(ConfigError::new(
+                None,
+                Some("host"),
+                "batch and overflow limits must be positive",
+            ));
         }
         if !(0.0..=1.0).contains(&h.slow_occupancy) {
-            return Err(ConfigError::new(None, Some("host.slow_occupancy"), "must be between 0 and 1"));
+            return Err(ConfigError::new(
+                None,
+                Some("host.slow_occupancy"),
+                "must be between 0 and 1",
+            ));
         }
         let mut ids = HashSet::new();
         for p in &self.plugins {
@@ -370,7 +384,9 @@ fn field_error(plugin: Option<&str>, prefix: &str, e: &serde_path_to_error::Erro
     // A missing field is reported at its parent's path (an unknown one already at its own):
     // name the field itself, once.
     if let Some(name) = message.split('`').nth(1) {
-        let named = field.as_deref().is_some_and(|f| f == name || f.ends_with(&format!(".{name}")));
+        let named = field
+            .as_deref()
+            .is_some_and(|f| f == name || f.ends_with(&format!(".{name}")));
         if (message.starts_with("unknown field") || message.starts_with("missing field")) && !named {
             field = Some(match field {
                 Some(f) => format!("{f}.{name}"),

@@ -23,7 +23,10 @@ pub const ENV_DF_HOST_BOOT_ID: &str = "DF_HOST_BOOT_ID";
 /// Spawns a plugin: its own process group (so a terminal's Ctrl-C reaches the host, which then
 /// shuts plugins down in order), stdin closed, stdout and stderr forwarded to the log.
 pub(crate) fn spawn(cfg: &PluginConfig, segment: &str, boot_id: &str) -> std::io::Result<Child> {
-    let command = cfg.command.as_ref().ok_or_else(|| std::io::Error::other("no command"))?;
+    let command = cfg
+        .command
+        .as_ref()
+        .ok_or_else(|| std::io::Error::other("no command"))?;
     let mut cmd = Command::new(command);
     cmd.args(&cfg.args)
         .envs(&cfg.env)

@@ -31,10 +31,7 @@ fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Label
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
 }
 
 fn quantiles(family: &Family<Labels, F64Gauge>, base: &[(&str, &str)], h: &Hist, scale: f64) {
@@ -49,11 +46,7 @@ impl MetricsSnapshot {
     /// The snapshot as Prometheus text (OpenMetrics), for a `/metrics` endpoint.
     pub fn to_prometheus(&self) -> String {
         let mut r = Registry::with_prefix("plugbus");
-        let offered = counter_family(
-            &mut r,
-            "events_offered",
-            "Events offered to the host, by type",
-        );
+        let offered = counter_family(&mut r, "events_offered", "Events offered to the host, by type");
         for (ty, n) in self.host.offered_by_type() {
             offered.get_or_create(&labels(&[("type", ty)])).inc_by(n);
         }
@@ -69,19 +62,11 @@ impl MetricsSnapshot {
         ] {
             host.get_or_create(&labels(&[("what", what)])).inc_by(n);
         }
-        let lat = gauge_family(
-            &mut r,
-            "latency_seconds",
-            "Latency quantiles (hdrhistogram)",
-        );
+        let lat = gauge_family(&mut r, "latency_seconds", "Latency quantiles (hdrhistogram)");
         quantiles(&lat, &[("of", "encode")], &self.host.encode_ns, 1e-9);
         quantiles(&lat, &[("of", "end_tick")], &self.host.end_tick_ns, 1e-9);
         let sent = counter_family(&mut r, "plugin", "Per-plugin counters");
-        let disc = counter_family(
-            &mut r,
-            "plugin_disconnects",
-            "Plugin disconnections by reason",
-        );
+        let disc = counter_family(&mut r, "plugin_disconnects", "Plugin disconnections by reason");
         let batch = gauge_family(&mut r, "batch_events", "Events per batch frame, quantiles");
         for (id, p) in &self.plugins {
             for (what, n) in [
@@ -97,19 +82,13 @@ impl MetricsSnapshot {
                 ("slow_reports", p.slow_reports),
                 ("restarts", p.restarts),
             ] {
-                sent.get_or_create(&labels(&[("plugin", id), ("what", what)]))
-                    .inc_by(n);
+                sent.get_or_create(&labels(&[("plugin", id), ("what", what)])).inc_by(n);
             }
             for (reason, n) in &p.disconnects {
                 disc.get_or_create(&labels(&[("plugin", id), ("reason", reason)]))
                     .inc_by(*n);
             }
-            quantiles(
-                &lat,
-                &[("of", "reply"), ("plugin", id)],
-                &p.reply_latency_ns,
-                1e-9,
-            );
+            quantiles(&lat, &[("of", "reply"), ("plugin", id)], &p.reply_latency_ns, 1e-9);
             quantiles(&batch, &[("plugin", id)], &p.batch_events, 1.0);
         }
         let mut out = String::new();

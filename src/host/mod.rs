@@ -56,8 +56,8 @@ pub use stats::{Hist, HostStats, MetricsSnapshot, PluginStats};
 use crate::codec::{BatchLimits, BufferPool, PluginDecoder};
 use crate::fastpath::MoveRecord;
 use crate::proto::{
-    self, Action, ActionResult, EventEnvelope, EventResult, EventType, HostHello, HostShutdown,
-    HostToPlugin, event_result, host_to_plugin, plugin_to_host,
+    self, Action, ActionResult, EventEnvelope, EventResult, EventType, HostHello, HostShutdown, HostToPlugin,
+    event_result, host_to_plugin, plugin_to_host,
 };
 use crate::segment::{self, SegmentCreateError};
 use crate::transport::shm::ShmHostLink;
@@ -233,11 +233,7 @@ impl std::fmt::Debug for Host {
             .field("boot_id", &self.boot_id)
             .field(
                 "plugins",
-                &self
-                    .slots
-                    .iter()
-                    .map(|s| (&s.cfg.id, &s.state))
-                    .collect::<Vec<_>>(),
+                &self.slots.iter().map(|s| (&s.cfg.id, &s.state)).collect::<Vec<_>>(),
             )
             .field("tick", &self.tick)
             .finish_non_exhaustive()
@@ -343,20 +339,14 @@ impl Host {
     /// Creates slot `i`'s segment and launches its process (unless attached).
     fn open_slot(&mut self, i: usize) -> Result<(), HostError> {
         let s = &mut self.slots[i];
-        let name = s
-            .cfg
-            .segment
-            .clone()
-            .unwrap_or_else(|| segment::unique_name(&s.cfg.id));
+        let name = s.cfg.segment.clone().unwrap_or_else(|| segment::unique_name(&s.cfg.id));
         if s.cfg.segment.is_some() {
             // A fixed name left behind by an earlier run of this host: remove it.
             let _ = segment::Segment::unlink(&name);
         }
-        let link = ShmHostLink::create(&name, &s.cfg.id, &s.cfg.rings).map_err(|source| {
-            HostError::Segment {
-                id: s.cfg.id.clone(),
-                source,
-            }
+        let link = ShmHostLink::create(&name, &s.cfg.id, &s.cfg.rings).map_err(|source| HostError::Segment {
+            id: s.cfg.id.clone(),
+            source,
         })?;
         s.link = Some(Box::new(link));
         s.segment = name.clone();
@@ -369,17 +359,16 @@ impl Host {
             tracing::info!(plugin = %s.cfg.id, "waiting for an external plugin to attach with {}={name}", launch::ENV_SEGMENT);
             return Ok(());
         }
-        let child =
-            launch::spawn(&s.cfg, &name, &self.boot_id).map_err(|source| HostError::Launch {
-                id: s.cfg.id.clone(),
-                command: s
-                    .cfg
-                    .command
-                    .as_ref()
-                    .map(|c| c.display().to_string())
-                    .unwrap_or_default(),
-                source,
-            })?;
+        let child = launch::spawn(&s.cfg, &name, &self.boot_id).map_err(|source| HostError::Launch {
+            id: s.cfg.id.clone(),
+            command: s
+                .cfg
+                .command
+                .as_ref()
+                .map(|c| c.display().to_string())
+                .unwrap_or_default(),
+            source,
+        })?;
         tracing::info!(plugin = %s.cfg.id, pid = child.id(), segment = %name, "launched plugin");
         if let Err(e) = self.supervisor.watch(&child, i, s.generation) {
             tracing::warn!(plugin = %s.cfg.id, "cannot watch the plugin process ({e}); its exit is seen by heartbeat only");
@@ -405,18 +394,12 @@ impl Host {
 
     /// Plugin ids and states.
     pub fn plugins(&self) -> Vec<(String, SlotState)> {
-        self.slots
-            .iter()
-            .map(|s| (s.cfg.id.clone(), s.state.clone()))
-            .collect()
+        self.slots.iter().map(|s| (s.cfg.id.clone(), s.state.clone())).collect()
     }
 
     /// The segment name of plugin `id` (for attach mode and inspection).
     pub fn segment_of(&self, id: &str) -> Option<&str> {
-        self.slots
-            .iter()
-            .find(|s| s.cfg.id == id)
-            .map(|s| s.segment.as_str())
+        self.slots.iter().find(|s| s.cfg.id == id).map(|s| s.segment.as_str())
     }
 
     /// The process id of launched plugin `id`, if running.
@@ -486,10 +469,7 @@ impl Host {
     }
 
     fn route(&mut self, env: &mut EventEnvelope, respond: bool) -> u64 {
-        let ty = env
-            .payload
-            .as_ref()
-            .map_or(env.r#type, |p| p.event_type() as i32);
+        let ty = env.payload.as_ref().map_or(env.r#type, |p| p.event_type() as i32);
         env.r#type = ty;
         let t = (ty as usize).min(127);
         self.stats.offered[t] += 1;
@@ -519,10 +499,7 @@ impl Host {
             || env.immediate
             || matches!(
                 EventType::try_from(ty),
-                Ok(EventType::PlayerJoin
-                    | EventType::PlayerQuit
-                    | EventType::Chat
-                    | EventType::Command)
+                Ok(EventType::PlayerJoin | EventType::PlayerQuit | EventType::Chat | EventType::Command)
             );
         let encode_started = Instant::now();
         // Encode once for every plugin, except an immediate event for a single plugin, which is
@@ -557,15 +534,10 @@ impl Host {
                 s.ring_if_dirty();
             }
             if respond {
-                targets.push(Target {
-                    slot: i,
-                    result: None,
-                });
+                targets.push(Target { slot: i, result: None });
             }
         }
-        self.stats
-            .encode_ns
-            .record(encode_started.elapsed().as_nanos() as u64);
+        self.stats.encode_ns.record(encode_started.elapsed().as_nanos() as u64);
         if respond {
             let now = Instant::now();
             self.pending.insert(
@@ -623,9 +595,7 @@ impl Host {
             self.disconnect(i, reason, true, Instant::now());
         }
         self.stats.ticks += 1;
-        self.stats
-            .end_tick_ns
-            .record(started.elapsed().as_nanos() as u64);
+        self.stats.end_tick_ns.record(started.elapsed().as_nanos() as u64);
         self.poll();
     }
 
@@ -637,16 +607,15 @@ impl Host {
         }
         if !self.retiring.is_empty() {
             let now = Instant::now();
-            self.retiring
-                .retain_mut(|(child, kill_at)| match child.try_wait() {
-                    Ok(None) if now < *kill_at => true,
-                    Ok(None) => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        false
-                    }
-                    Ok(Some(_)) | Err(_) => false,
-                });
+            self.retiring.retain_mut(|(child, kill_at)| match child.try_wait() {
+                Ok(None) if now < *kill_at => true,
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    false
+                }
+                Ok(Some(_)) | Err(_) => false,
+            });
         }
         for i in 0..self.slots.len() {
             self.read_replies(i);
@@ -661,10 +630,7 @@ impl Host {
     }
 
     fn read_replies(&mut self, i: usize) {
-        if !matches!(
-            self.slots[i].state,
-            SlotState::Ready | SlotState::Connecting
-        ) {
+        if !matches!(self.slots[i].state, SlotState::Ready | SlotState::Connecting) {
             return;
         }
         let Some(link) = self.slots[i].link.as_mut() else {
@@ -680,10 +646,7 @@ impl Host {
         });
         let mut inbox = std::mem::take(&mut self.inbox);
         for buf in inbox.drain(..) {
-            if matches!(
-                self.slots[i].state,
-                SlotState::Ready | SlotState::Connecting
-            ) {
+            if matches!(self.slots[i].state, SlotState::Ready | SlotState::Connecting) {
                 self.on_message(i, &buf);
             }
             self.pool.give(buf);
@@ -703,12 +666,7 @@ impl Host {
         let msg = match self.decoder.decode_mut(bytes) {
             Ok(m) => m,
             Err(e) => {
-                self.disconnect(
-                    i,
-                    format!("malformed PluginToHost message: {e}"),
-                    true,
-                    Instant::now(),
-                );
+                self.disconnect(i, format!("malformed PluginToHost message: {e}"), true, Instant::now());
                 return;
             }
         };
@@ -764,9 +722,9 @@ impl Host {
                 let plugins = self.slots.iter().map(|s| s.cfg.id.clone()).collect();
                 let reply = HostToPlugin {
                     plugin_id: self.slots[i].cfg.id.clone(),
-                    payload: Some(host_to_plugin::Payload::ServerInfo(
-                        proto::ServerInformationResponse { plugins },
-                    )),
+                    payload: Some(host_to_plugin::Payload::ServerInfo(proto::ServerInformationResponse {
+                        plugins,
+                    })),
                 };
                 self.send_control(i, &reply);
             }
@@ -826,20 +784,11 @@ impl Host {
 
     fn on_result(&mut self, i: usize, r: EventResult) {
         let now = Instant::now();
-        let Some(p) = r
-            .event_id
-            .parse::<u64>()
-            .ok()
-            .and_then(|id| self.pending.get_mut(&id))
-        else {
+        let Some(p) = r.event_id.parse::<u64>().ok().and_then(|id| self.pending.get_mut(&id)) else {
             tracing::debug!(plugin = %self.slots[i].cfg.id, event = %r.event_id, "result for an event no longer pending");
             return;
         };
-        let Some(t) = p
-            .targets
-            .iter_mut()
-            .find(|t| t.slot == i && t.result.is_none())
-        else {
+        let Some(t) = p.targets.iter_mut().find(|t| t.slot == i && t.result.is_none()) else {
             return;
         };
         let latency = now.duration_since(p.dispatched);
@@ -901,6 +850,10 @@ impl Host {
             _ => return,
         }
         let Some(link) = s.link.as_mut() else { return };
+        if let Some(why) = link.broken() {
+            self.disconnect(i, why.to_owned(), true, now);
+            return;
+        }
         let peer = link.peer();
         let stale = peer.heartbeat_age_ns > self.settings.heartbeat_timeout_ms * 1_000_000;
         if s.cfg.attach && (stale || s.last_pid_check.elapsed() >= Duration::from_millis(200)) {
@@ -961,12 +914,14 @@ impl Host {
         if !matches!(s.state, SlotState::Ready | SlotState::Connecting) {
             return;
         }
+        // A truncated segment shows up first as a broken ring; name the real cause.
+        let reason = match s.link.as_ref().and_then(|l| l.broken()) {
+            Some(why) if !reason.starts_with(why) => format!("{why} ({reason})"),
+            _ => reason,
+        };
         let undelivered = s.undelivered();
         tracing::error!(plugin = %s.cfg.id, undelivered, "plugin disconnected: {reason}");
-        *s.stats
-            .disconnects
-            .entry(short_reason(&reason))
-            .or_default() += 1;
+        *s.stats.disconnects.entry(short_reason(&reason)).or_default() += 1;
         if let Some(link) = s.link.as_mut() {
             let _ = link.try_send_message(&shutdown_message(&s.cfg.id, &reason));
             link.signal_shutdown();
@@ -1013,11 +968,7 @@ impl Host {
             }
             return;
         }
-        while s
-            .restarts
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > window)
-        {
+        while s.restarts.front().is_some_and(|t| now.duration_since(*t) > window) {
             s.restarts.pop_front();
         }
         if s.restarts.len() >= self.settings.restart_max as usize {
@@ -1104,9 +1055,7 @@ impl Host {
         };
         p.targets.sort_by(|a, b| {
             let (sa, sb) = (&self.slots[a.slot].cfg, &self.slots[b.slot].cfg);
-            sa.priority
-                .cmp(&sb.priority)
-                .then_with(|| sa.id.cmp(&sb.id))
+            sa.priority.cmp(&sb.priority).then_with(|| sa.id.cmp(&sb.id))
         });
         let mut merged = EventResult::default();
         for t in p.targets.drain(..) {
@@ -1133,11 +1082,7 @@ impl Host {
                 }
             }
         }
-        outcome.mutation = if outcome.cancelled {
-            None
-        } else {
-            merged.update
-        };
+        outcome.mutation = if outcome.cancelled { None } else { merged.update };
         self.target_pool.push(p.targets);
         Some(outcome)
     }
@@ -1154,11 +1099,7 @@ impl Host {
 
     /// Sends the result of an action back to the plugin that asked (by its `correlation_id`).
     pub fn send_action_result(&mut self, plugin: &str, result: ActionResult) -> bool {
-        let Some(i) = self
-            .slots
-            .iter()
-            .position(|s| s.cfg.id == plugin && s.is_ready())
-        else {
+        let Some(i) = self.slots.iter().position(|s| s.cfg.id == plugin && s.is_ready()) else {
             return false;
         };
         let msg = HostToPlugin {
@@ -1173,11 +1114,7 @@ impl Host {
     pub fn metrics(&self) -> MetricsSnapshot {
         MetricsSnapshot {
             host: self.stats.clone(),
-            plugins: self
-                .slots
-                .iter()
-                .map(|s| (s.cfg.id.clone(), s.stats.clone()))
-                .collect(),
+            plugins: self.slots.iter().map(|s| (s.cfg.id.clone(), s.stats.clone())).collect(),
             pool: self.pool.stats(),
         }
     }
@@ -1213,8 +1150,7 @@ impl Host {
                     }
                 }
             }
-            self.retiring
-                .retain_mut(|(c, _)| matches!(c.try_wait(), Ok(None)));
+            self.retiring.retain_mut(|(c, _)| matches!(c.try_wait(), Ok(None)));
             running += self.retiring.len();
             if running == 0 || Instant::now() >= deadline {
                 break;

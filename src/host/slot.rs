@@ -167,11 +167,7 @@ impl Slot {
     }
 
     /// Writes the gathered batch (after any overflow, to keep order). Never blocks.
-    pub fn flush_batch(
-        &mut self,
-        pool: &mut BufferPool,
-        limit: usize,
-    ) -> Result<SendOutcome, LinkError> {
+    pub fn flush_batch(&mut self, pool: &mut BufferPool, limit: usize) -> Result<SendOutcome, LinkError> {
         if self.batch.is_empty() {
             return Ok(if self.drain_overflow(pool)? {
                 SendOutcome::Sent
@@ -251,11 +247,7 @@ impl Slot {
         let mut buf = pool.take();
         match body {
             Some(b) => {
-                encode_key(
-                    codec::HOST_TO_PLUGIN_EVENT,
-                    WireType::LengthDelimited,
-                    &mut buf,
-                );
+                encode_key(codec::HOST_TO_PLUGIN_EVENT, WireType::LengthDelimited, &mut buf);
                 encode_varint(b.len() as u64, &mut buf);
                 buf.extend_from_slice(b);
             }

@@ -27,7 +27,11 @@ impl Hist {
     }
     /// The value at quantile `q` (0..=1), 0 when empty.
     pub fn quantile(&self, q: f64) -> u64 {
-        if self.0.is_empty() { 0 } else { self.0.value_at_quantile(q) }
+        if self.0.is_empty() {
+            0
+        } else {
+            self.0.value_at_quantile(q)
+        }
     }
     /// Largest value, 0 when empty.
     pub fn max(&self) -> u64 {

@@ -6,8 +6,8 @@ use prost::Message;
 
 use crate::codec::BufferPool;
 use crate::proto::{
-    self, Action, ActionResult, EventResult, EventSubscribe, EventType, GameMode, ItemStack, LogMessage,
-    PluginToHost, action, event_result, plugin_to_host,
+    self, Action, ActionResult, EventResult, EventSubscribe, EventType, GameMode, ItemStack, LogMessage, PluginToHost,
+    action, event_result, plugin_to_host,
 };
 
 /// A handler's answer to an event.
@@ -148,7 +148,11 @@ impl Context<'_> {
 
     /// Sends an action whose `ActionResult` comes back to `callback`; returns its correlation
     /// id. Results without a callback go to `Handler::on_action_result`.
-    pub fn query(&mut self, kind: action::Kind, callback: impl FnOnce(&mut Context<'_>, &ActionResult) + Send + 'static) -> String {
+    pub fn query(
+        &mut self,
+        kind: action::Kind,
+        callback: impl FnOnce(&mut Context<'_>, &ActionResult) + Send + 'static,
+    ) -> String {
         *self.next_query += 1;
         let id = format!("{}-q{}", self.out.plugin_id, self.next_query);
         self.queries.insert(id.clone(), Box::new(callback));
@@ -177,7 +181,11 @@ impl Context<'_> {
                 y: position[1],
                 z: position[2],
             }),
-            rotation: Some(proto::Vec3 { x: yaw, y: pitch, z: 0.0 }),
+            rotation: Some(proto::Vec3 {
+                x: yaw,
+                y: pitch,
+                z: 0.0,
+            }),
         }));
     }
 

@@ -37,8 +37,8 @@ use crate::codec::{DecodeError, HostDecoder, HostMessage};
 use crate::fastpath::MoveRecord;
 use crate::host::{ENV_PLUGIN_ID, ENV_SEGMENT};
 use crate::proto::{
-    self, ActionResult, CommandSpec, EventEnvelope, EventSubscribe, EventType, HostHello,
-    PluginHello, host_to_plugin, plugin_to_host,
+    self, ActionResult, CommandSpec, EventEnvelope, EventSubscribe, EventType, HostHello, PluginHello, host_to_plugin,
+    plugin_to_host,
 };
 use crate::segment::SegmentOpenError;
 use crate::transport::shm::ShmPluginLink;
@@ -63,12 +63,7 @@ pub trait Handler {
     }
     /// One event with its encoded `EventEnvelope` bytes (valid during the call). The default
     /// calls [`Handler::on_event`]; override it to hand the bytes on (the C API does).
-    fn on_event_bytes(
-        &mut self,
-        ctx: &mut Context<'_>,
-        event: &EventEnvelope,
-        bytes: &[u8],
-    ) -> Reply {
+    fn on_event_bytes(&mut self, ctx: &mut Context<'_>, event: &EventEnvelope, bytes: &[u8]) -> Reply {
         let _ = bytes;
         self.on_event(ctx, event)
     }
@@ -110,9 +105,7 @@ impl std::str::FromStr for WaitStrategy {
             "spin" => Ok(Self::Spin),
             "park" => Ok(Self::Park),
             "spin-then-park" | "default" => Ok(Self::default()),
-            _ => Err(format!(
-                "unknown wait strategy {s:?} (spin, park, spin-then-park)"
-            )),
+            _ => Err(format!("unknown wait strategy {s:?} (spin, park, spin-then-park)")),
         }
     }
 }
@@ -121,9 +114,7 @@ impl std::str::FromStr for WaitStrategy {
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     /// A required environment variable is missing.
-    #[error(
-        "{0} is not set: start this plugin from a plugbus host, or set it to the segment name the host printed"
-    )]
+    #[error("{0} is not set: start this plugin from a plugbus host, or set it to the segment name the host printed")]
     MissingEnv(&'static str),
     /// The segment could not be opened (wrong layout version, not found, ...).
     #[error("cannot attach: {0}")]
@@ -143,6 +134,9 @@ pub enum PluginError {
     /// The link broke.
     #[error("link failure: {0}")]
     Link(#[from] LinkError),
+    /// The segment was truncated under this plugin (it survived: the pages read zeros now).
+    #[error("{0}")]
+    Broken(&'static str),
     /// The host sent bytes that do not decode.
     #[error("malformed message from the host: {0}")]
     Decode(#[from] DecodeError),
@@ -264,8 +258,7 @@ impl<L: PluginLink> std::fmt::Debug for Plugin<L> {
 impl Plugin {
     /// A builder from `PLUGBUS_SEGMENT` and `PLUGBUS_PLUGIN_ID` (set by the host).
     pub fn from_env() -> Result<PluginBuilder, PluginError> {
-        let segment =
-            std::env::var(ENV_SEGMENT).map_err(|_| PluginError::MissingEnv(ENV_SEGMENT))?;
+        let segment = std::env::var(ENV_SEGMENT).map_err(|_| PluginError::MissingEnv(ENV_SEGMENT))?;
         let plugin_id = std::env::var(ENV_PLUGIN_ID)
             .or_else(|_| std::env::var(crate::host::ENV_DF_PLUGIN_ID))
             .map_err(|_| PluginError::MissingEnv(ENV_PLUGIN_ID))?;
@@ -309,10 +302,9 @@ impl<L: PluginLink> Plugin<L> {
         p.link.heartbeat();
         // Subscriptions before the hello: the host marks the plugin ready on its hello, and it
         // must route to it from then on (`Host::start` returns once required plugins said hello).
-        p.out
-            .push(plugin_to_host::Payload::Subscribe(EventSubscribe {
-                events: b.subscriptions.iter().map(|e| *e as i32).collect(),
-            }));
+        p.out.push(plugin_to_host::Payload::Subscribe(EventSubscribe {
+            events: b.subscriptions.iter().map(|e| *e as i32).collect(),
+        }));
         p.out.push(plugin_to_host::Payload::Hello(b.hello));
         p.flush()?;
         let deadline = Instant::now() + b.hello_timeout;
@@ -328,9 +320,7 @@ impl<L: PluginLink> Plugin<L> {
                     let r = decoder.decode(bytes, |m| match m {
                         HostMessage::Other(msg) => match &msg.payload {
                             Some(host_to_plugin::Payload::Hello(h)) => got = Some(Ok(h.clone())),
-                            Some(host_to_plugin::Payload::Shutdown(s)) => {
-                                got = Some(Err(s.reason.clone()))
-                            }
+                            Some(host_to_plugin::Payload::Shutdown(s)) => got = Some(Err(s.reason.clone())),
                             _ => {}
                         },
                         HostMessage::Event(_) => {}
@@ -353,9 +343,7 @@ impl<L: PluginLink> Plugin<L> {
             }
             match state {
                 HostState::Dead => {
-                    return Err(PluginError::HostDied {
-                        pid: p.link.host_pid(),
-                    });
+                    return Err(PluginError::HostDied { pid: p.link.host_pid() });
                 }
                 HostState::ShuttingDown => {
                     return Err(PluginError::Refused("host is shutting down".into()));
@@ -422,6 +410,9 @@ impl<L: PluginLink> Plugin<L> {
     /// Handles everything that has arrived (bounded), sends replies, beats the heartbeat.
     /// Returns how many items (frames) were handled. Never blocks.
     pub fn poll<H: Handler + ?Sized>(&mut self, handler: &mut H) -> Result<usize, PluginError> {
+        if let Some(why) = self.link.broken() {
+            return Err(PluginError::Broken(why));
+        }
         let Self {
             link,
             decoder,
@@ -460,9 +451,7 @@ impl<L: PluginLink> Plugin<L> {
                         }
                     }
                     HostMessage::Other(msg) => match &msg.payload {
-                        Some(host_to_plugin::Payload::Shutdown(s)) => {
-                            *shutdown = Some(s.reason.clone())
-                        }
+                        Some(host_to_plugin::Payload::Shutdown(s)) => *shutdown = Some(s.reason.clone()),
                         Some(host_to_plugin::Payload::ActionResult(r)) => {
                             let cb = queries.remove(&r.correlation_id);
                             let mut ctx = Context {
@@ -492,8 +481,7 @@ impl<L: PluginLink> Plugin<L> {
             self.last_beat = now;
             self.link.heartbeat();
             let c = self.counters;
-            self.link
-                .publish_counters(c.events, c.move_frames, c.replies);
+            self.link.publish_counters(c.events, c.move_frames, c.replies);
         }
         Ok(n)
     }
@@ -526,6 +514,9 @@ impl<L: PluginLink> Plugin<L> {
                 let mut ctx = self.context();
                 handler.on_idle(&mut ctx);
                 self.flush()?;
+                if let Some(why) = self.link.broken() {
+                    return Err(PluginError::Broken(why));
+                }
                 match self.link.host_state() {
                     HostState::Dead => {
                         return Err(PluginError::HostDied {
@@ -535,10 +526,7 @@ impl<L: PluginLink> Plugin<L> {
                     HostState::ShuttingDown => {
                         // The HostShutdown message may already be in the ring: one more poll.
                         self.poll(handler)?;
-                        let reason = self
-                            .shutdown
-                            .clone()
-                            .unwrap_or_else(|| "host shutting down".into());
+                        let reason = self.shutdown.clone().unwrap_or_else(|| "host shutting down".into());
                         handler.on_shutdown(&reason);
                         return Ok(());
                     }
@@ -547,9 +535,7 @@ impl<L: PluginLink> Plugin<L> {
             }
             match self.wait {
                 WaitStrategy::Spin => crate::sync::spin_loop(),
-                WaitStrategy::SpinThenPark(d) if now.duration_since(since) < d => {
-                    crate::sync::spin_loop()
-                }
+                WaitStrategy::SpinThenPark(d) if now.duration_since(since) < d => crate::sync::spin_loop(),
                 WaitStrategy::SpinThenPark(_) | WaitStrategy::Park => self.link.park(BEAT_EVERY)?,
             }
         }

@@ -65,11 +65,7 @@ impl Ring {
         let capacity = check(&region)?;
         // SAFETY: check proved region.len() >= CONTROL_SIZE + 16, so the offset is in bounds.
         let data = unsafe { NonNull::new_unchecked(region.as_ptr().add(CONTROL_SIZE)) };
-        Ok(Self {
-            region,
-            data,
-            capacity,
-        })
+        Ok(Self { region, data, capacity })
     }
 
     #[inline]
@@ -245,7 +241,8 @@ impl Producer {
         let mut start = self.tail;
         if total > contiguous {
             // The padding frame is published together with the frame, by the same tail store.
-            self.ring.write_header(off, (contiguous - HEADER as u64) as u32, PADDING);
+            self.ring
+                .write_header(off, (contiguous - HEADER as u64) as u32, PADDING);
             start += contiguous;
         }
         Ok(Grant {
@@ -315,7 +312,11 @@ impl Grant<'_> {
     #[inline]
     pub fn commit_len(self, kind: u32, len: usize) {
         assert!(kind != 0 && kind != PADDING, "frame kind {kind} is reserved");
-        assert!(len <= self.len, "commit of {len} bytes exceeds the reservation of {}", self.len);
+        assert!(
+            len <= self.len,
+            "commit of {len} bytes exceeds the reservation of {}",
+            self.len
+        );
         let p = self.producer;
         p.ring.write_header(p.ring.offset(self.start), len as u32, kind);
         p.tail = self.start + frame_size(len) as u64;

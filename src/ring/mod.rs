@@ -236,5 +236,8 @@ pub fn positions(region: &RegionRef) -> (u64, u64) {
         return (0, 0);
     }
     let c = control(region);
-    (c.head.load(crate::sync::Ordering::Acquire), c.tail.load(crate::sync::Ordering::Acquire))
+    (
+        c.head.load(crate::sync::Ordering::Acquire),
+        c.tail.load(crate::sync::Ordering::Acquire),
+    )
 }

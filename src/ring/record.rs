@@ -26,9 +26,7 @@ use std::ptr::NonNull;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::{
-    CONTROL_SIZE, LINE, RegionRef, RingControl, RingError, RingLayoutError, check_region, control,
-};
+use super::{CONTROL_SIZE, LINE, RegionRef, RingControl, RingError, RingLayoutError, check_region, control};
 use crate::sync::Ordering;
 
 /// What a record ring can carry: plain bytes with no padding, no pointers, no interior
@@ -42,9 +40,7 @@ pub const fn region_size<T>(capacity: usize) -> usize {
 }
 
 /// Initializes `region` as an empty ring and returns both ends (same process).
-pub fn channel<T: Record>(
-    region: RegionRef,
-) -> Result<(Producer<T>, Consumer<T>), RingLayoutError> {
+pub fn channel<T: Record>(region: RegionRef) -> Result<(Producer<T>, Consumer<T>), RingLayoutError> {
     check_layout::<T>(&region)?;
     super::init(&region)?;
     Ok((Producer::attach(region.clone())?, Consumer::attach(region)?))
@@ -210,10 +206,7 @@ impl<T: Record> Producer<T> {
         }
         let start = self.ring.index(self.tail);
         let first = n.min(self.ring.capacity as usize - start);
-        self.ring
-            .control()
-            .tracker
-            .write(start as u64, first as u64);
+        self.ring.control().tracker.write(start as u64, first as u64);
         self.ring.control().tracker.write(0, (n - first) as u64);
         // SAFETY: start + first <= capacity and n - first <= capacity: both runs are inside the
         // data area. They cover [tail, tail + n) with n <= free, so the consumer is not reading
@@ -305,16 +298,13 @@ impl<T: Record> Consumer<T> {
     pub fn read(&mut self, max: usize) -> Result<ReadGuard<'_, T>, RingError> {
         let avail = self.available()?;
         let start = self.ring.index(self.head);
-        let len = (avail as usize)
-            .min(self.ring.capacity as usize - start)
-            .min(max);
+        let len = (avail as usize).min(self.ring.capacity as usize - start).min(max);
         self.ring.control().tracker.read(start as u64, len as u64);
         // SAFETY: start + len <= capacity, inside the data area and aligned for T (Ring::new).
         // Positions [head, head + len) are below the tail we acquired, so the producer wrote
         // them before publishing and will not touch them until we release `head`. T: FromBytes,
         // so whatever bytes are there form valid T values.
-        let records =
-            unsafe { std::slice::from_raw_parts(self.ring.data.as_ptr().add(start), len) };
+        let records = unsafe { std::slice::from_raw_parts(self.ring.data.as_ptr().add(start), len) };
         Ok(ReadGuard {
             records,
             release: len,

@@ -19,6 +19,8 @@
 //!
 //! Linux only (`/dev/shm` is read to list segments).
 
+#[cfg(not(loom))]
+mod guard;
 pub mod header;
 mod shm;
 pub mod stale;
@@ -85,9 +87,7 @@ pub enum SegmentCreateError {
     )]
     InvalidName(String),
     /// A segment of that name already exists (`O_EXCL`).
-    #[error(
-        "segment {0:?} already exists; pick another name or remove it (plugbus cleanup removes stale ones)"
-    )]
+    #[error("segment {0:?} already exists; pick another name or remove it (plugbus cleanup removes stale ones)")]
     AlreadyExists(String),
     /// A ring spec is unusable.
     #[error("ring {index}: {reason}")]
@@ -119,9 +119,7 @@ pub enum SegmentOpenError {
     #[error("invalid segment name {0:?}")]
     InvalidName(String),
     /// The magic number is wrong: not a plugbus segment, or its creator has not finished.
-    #[error(
-        "segment {name:?} is not a plugbus segment (magic {found:#018x}), or is still being created"
-    )]
+    #[error("segment {name:?} is not a plugbus segment (magic {found:#018x}), or is still being created")]
     NotPlugbus {
         /// The segment.
         name: String,
@@ -129,9 +127,7 @@ pub enum SegmentOpenError {
         found: u64,
     },
     /// Made by an incompatible plugbus.
-    #[error(
-        "segment {name:?} has layout version {found}; this plugbus supports version {expected}"
-    )]
+    #[error("segment {name:?} has layout version {found}; this plugbus supports version {expected}")]
     WrongVersion {
         /// The segment.
         name: String,
@@ -187,8 +183,23 @@ pub enum Side {
     Attacher,
 }
 
-/// The mapping, shared by every [`RegionRef`] handed out.
-struct Mapping(MmapRaw);
+/// The mapping, shared by every [`RegionRef`] handed out. The guard registration drops first,
+/// before the mapping is unmapped.
+struct Mapping {
+    #[cfg(not(loom))]
+    guard: guard::Registration,
+    map: MmapRaw,
+}
+
+impl Mapping {
+    fn new(map: MmapRaw) -> Self {
+        Self {
+            #[cfg(not(loom))]
+            guard: guard::register(map.as_mut_ptr(), map.len()),
+            map,
+        }
+    }
+}
 
 /// A mapped plugbus segment.
 pub struct Segment {
@@ -207,7 +218,7 @@ impl std::fmt::Debug for Segment {
         f.debug_struct("Segment")
             .field("name", &self.name)
             .field("side", &self.side)
-            .field("len", &self.map.0.len())
+            .field("len", &self.map.map.len())
             .field("rings", &self.rings)
             .finish()
     }
@@ -247,10 +258,7 @@ pub fn unique_name(tag: &str) -> String {
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock heartbeats use (the same in every process).
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -283,12 +291,8 @@ impl Segment {
             if unit == 0 || unit as usize > 1 << 20 {
                 return Err(bad("record size must be between 1 byte and 1 MiB"));
             }
-            if !spec.capacity.is_power_of_two()
-                || (spec.kind == RingKind::Frame && spec.capacity < 64)
-            {
-                return Err(bad(
-                    "capacity must be a power of two (at least 64 bytes for frames)",
-                ));
+            if !spec.capacity.is_power_of_two() || (spec.kind == RingKind::Frame && spec.capacity < 64) {
+                return Err(bad("capacity must be a power of two (at least 64 bytes for frames)"));
             }
             let spec = RingSpec { unit, ..*spec };
             let len = spec
@@ -323,15 +327,11 @@ impl Segment {
             let _ = shm::unlink(name);
             e
         };
-        file.set_len(size)
-            .map_err(os("ftruncate"))
-            .map_err(cleanup)?;
-        let map = MmapRaw::map_raw(&file)
-            .map_err(os("mmap"))
-            .map_err(cleanup)?;
+        file.set_len(size).map_err(os("ftruncate")).map_err(cleanup)?;
+        let map = MmapRaw::map_raw(&file).map_err(os("mmap")).map_err(cleanup)?;
         let seg = Self {
             name: name.to_owned(),
-            map: Arc::new(Mapping(map)),
+            map: Arc::new(Mapping::new(map)),
             side: Side::Creator,
             rings: descs.clone(),
             unlink_on_drop: true,
@@ -371,18 +371,13 @@ impl Segment {
         // SAFETY: the mapping is page-aligned (so aligned for Header) and at least
         // HEADER_RESERVED >= size_of::<Header>() bytes; the name was created exclusively just now,
         // and the magic is still 0, so no opener uses the header yet.
-        unsafe { seg.map.0.as_mut_ptr().cast::<Header>().write(hdr) };
+        unsafe { seg.map.map.as_mut_ptr().cast::<Header>().write(hdr) };
         for i in 0..descs.len() {
             let region = seg.ring_region(i).expect("ring descriptor just computed");
             crate::ring::init(&region).expect("segment rings are page-aligned and sized");
         }
-        seg.header()
-            .creator_heartbeat
-            .store(monotonic_ns(), Ordering::Relaxed);
-        seg.header()
-            .shared
-            .state
-            .store(header::STATE_READY, Ordering::Relaxed);
+        seg.header().creator_heartbeat.store(monotonic_ns(), Ordering::Relaxed);
+        seg.header().shared.state.store(header::STATE_READY, Ordering::Relaxed);
         // Release: pairs with the Acquire load of `magic` in `open`/`peek`: an opener that sees
         // the magic sees the whole header and initialized rings.
         seg.header().fixed.magic.store(MAGIC, Ordering::Release);
@@ -404,22 +399,16 @@ impl Segment {
                 });
             }
             // AcqRel: pairs with another attacher's CAS, so exactly one wins.
-            match shared.attacher_pid.compare_exchange(
-                current,
-                me,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match shared
+                .attacher_pid
+                .compare_exchange(current, me, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => break,
                 Err(now) => current = now,
             }
         }
-        seg.header()
-            .attacher_heartbeat
-            .store(monotonic_ns(), Ordering::Relaxed);
-        shared
-            .state
-            .store(header::STATE_ATTACHED, Ordering::Release);
+        seg.header().attacher_heartbeat.store(monotonic_ns(), Ordering::Relaxed);
+        shared.state.store(header::STATE_ATTACHED, Ordering::Release);
         seg.attached = true;
         Ok(seg)
     }
@@ -455,7 +444,7 @@ impl Segment {
         let map = MmapRaw::map_raw(&file).map_err(os("mmap"))?;
         let mut seg = Self {
             name: name.to_owned(),
-            map: Arc::new(Mapping(map)),
+            map: Arc::new(Mapping::new(map)),
             side: Side::Attacher,
             rings: Vec::new(),
             unlink_on_drop: false,
@@ -477,7 +466,7 @@ impl Segment {
 
     /// Size of the mapping in bytes.
     pub fn len(&self) -> usize {
-        self.map.0.len()
+        self.map.map.len()
     }
 
     /// Never true (a segment holds at least its header); for API symmetry.
@@ -490,7 +479,7 @@ impl Segment {
         // SAFETY: the mapping is page-aligned and at least size_of::<Header>() bytes (create
         // wrote it; open checked the size). Header holds only integers and atomics, valid for any
         // bit pattern; the fields another process changes are atomics.
-        unsafe { &*self.map.0.as_ptr().cast::<Header>() }
+        unsafe { &*self.map.map.as_ptr().cast::<Header>() }
     }
 
     /// The validated ring descriptors.
@@ -502,11 +491,11 @@ impl Segment {
     pub fn ring_region(&self, index: usize) -> Option<RegionRef> {
         let d = self.rings.get(index)?;
         let len = d.capacity * u64::from(d.unit) + CONTROL_SIZE as u64;
-        let base = NonNull::new(self.map.0.as_mut_ptr())?;
+        let base = NonNull::new(self.map.map.as_mut_ptr())?;
         let owner: Arc<dyn Send + Sync> = self.map.clone();
         // SAFETY: the mapping lives as long as `owner` (an Arc of it); its bytes are accessed only
         // through the ring protocol and header atomics.
-        let whole = unsafe { RegionRef::from_raw_parts(base, self.map.0.len(), owner) };
+        let whole = unsafe { RegionRef::from_raw_parts(base, self.map.map.len(), owner) };
         whole.slice(d.offset as usize, len as usize)
     }
 
@@ -521,12 +510,7 @@ impl Segment {
         self.typed_region(index, RingKind::Record, std::mem::size_of::<T>() as u32)
     }
 
-    fn typed_region(
-        &self,
-        index: usize,
-        kind: RingKind,
-        unit: u32,
-    ) -> Result<RegionRef, SegmentOpenError> {
+    fn typed_region(&self, index: usize, kind: RingKind, unit: u32) -> Result<RegionRef, SegmentOpenError> {
         let corrupt = |reason: String| SegmentOpenError::Corrupt {
             name: self.name.clone(),
             reason,
@@ -543,6 +527,16 @@ impl Segment {
         }
         self.ring_region(index)
             .ok_or_else(|| corrupt(format!("ring {index} does not fit the mapping")))
+    }
+
+    /// Whether the other side truncated the segment: the mapping was replaced by zero pages
+    /// (so this process did not die of SIGBUS) and everything read from it is meaningless.
+    /// Disconnect the peer.
+    pub fn is_broken(&self) -> bool {
+        #[cfg(not(loom))]
+        return self.map.guard.is_broken();
+        #[cfg(loom)]
+        return false;
     }
 
     /// Publishes this side's heartbeat (now).
@@ -676,10 +670,7 @@ fn validate(h: &Header, name: &str, actual: u64) -> Result<Vec<RingDesc>, Segmen
             )));
         }
         if d.offset % LINE as u64 != 0 || d.offset < std::mem::size_of::<Header>() as u64 {
-            return Err(corrupt(format!(
-                "ring {i} offset {} is misplaced",
-                d.offset
-            )));
+            return Err(corrupt(format!("ring {i} offset {} is misplaced", d.offset)));
         }
         let end = d
             .capacity
@@ -703,10 +694,7 @@ fn validate(h: &Header, name: &str, actual: u64) -> Result<Vec<RingDesc>, Segmen
     for w in sorted.windows(2) {
         let end = w[0].offset + w[0].capacity * u64::from(w[0].unit) + CONTROL_SIZE as u64;
         if end > w[1].offset {
-            return Err(corrupt(format!(
-                "rings at {} and {} overlap",
-                w[0].offset, w[1].offset
-            )));
+            return Err(corrupt(format!("rings at {} and {} overlap", w[0].offset, w[1].offset)));
         }
     }
     rings.shrink_to_fit();

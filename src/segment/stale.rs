@@ -12,10 +12,40 @@ const SHM_DIR: &str = "/dev/shm";
 
 /// A process's start time in clock ticks after boot (field 22 of `/proc/<pid>/stat`), and
 /// whether it is a zombie.
+///
+/// Allocates nothing: the host checks its plugins' liveness from the tick thread (and a plugin
+/// its host's), where steady state must not allocate. The path is formatted on the stack (and
+/// `File::open` copies a short path to a stack C string), and the first 1 KiB of the file is
+/// read into a stack buffer: field 22 ends well before that (a command name of at most 64 bytes
+/// and 21 numeric fields of at most 20 digits).
 fn proc_stat(pid: u32) -> Option<(u64, bool)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces: split after it.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::ffi::OsStrExt as _;
+
+    const PATH_MAX: usize = 32;
+    let mut path = [0u8; PATH_MAX];
+    let path_len = {
+        let mut w: &mut [u8] = &mut path;
+        write!(w, "/proc/{pid}/stat").ok()?;
+        PATH_MAX - w.len()
+    };
+    let path = Path::new(std::ffi::OsStr::from_bytes(&path[..path_len]));
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut buf = [0u8; 1024];
+    let mut len = 0;
+    while len < buf.len() {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    let stat = &buf[..len];
+    // The command name (field 2) is in parentheses and may contain spaces (or any bytes): split
+    // after it; the fields after it are ASCII.
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(stat.get(close + 2..)?).ok()?;
     let mut fields = rest.split_ascii_whitespace();
     let state = fields.next()?;
     let start = fields.nth(18)?.parse().ok()?;
@@ -147,10 +177,7 @@ fn fill(info: &mut SegmentInfo, seg: &Segment) {
     info.creator_heartbeat_age_ns = age(h.creator_heartbeat.load(Ordering::Relaxed));
     info.attacher_heartbeat_age_ns = age(h.attacher_heartbeat.load(Ordering::Relaxed));
     for (i, d) in seg.rings().iter().enumerate() {
-        let (head, tail) = seg
-            .ring_region(i)
-            .map(|r| crate::ring::positions(&r))
-            .unwrap_or((0, 0));
+        let (head, tail) = seg.ring_region(i).map(|r| crate::ring::positions(&r)).unwrap_or((0, 0));
         info.rings.push((*d, head, tail));
     }
     for i in 0..header::COUNTERS {

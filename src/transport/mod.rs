@@ -88,12 +88,7 @@ pub struct LinkCounters {
 /// "no room now" and the caller keeps the data (conflation, overflow queue).
 pub trait HostLink: Send {
     /// Sends a tick's moves (one frame, or several if they exceed a frame), all or nothing.
-    fn try_send_moves(
-        &mut self,
-        tick: u64,
-        flags: u32,
-        moves: &[MoveRecord],
-    ) -> Result<bool, LinkError>;
+    fn try_send_moves(&mut self, tick: u64, flags: u32, moves: &[MoveRecord]) -> Result<bool, LinkError>;
     /// Sends one event, encoded in place (`HostToPlugin { event }`).
     fn try_send_event(&mut self, env: &EventEnvelope) -> Result<bool, LinkError>;
     /// Sends one event already encoded (`body` = the envelope's encoding).
@@ -118,6 +113,9 @@ pub trait HostLink: Send {
     fn peer_alive(&self) -> bool;
     /// Fill of the outbound queues.
     fn occupancy(&mut self) -> Result<Occupancy, LinkError>;
+    /// Why the link's memory can no longer be trusted, if so (for shared memory: the plugin
+    /// truncated the segment, and this process now reads zero pages there instead of dying).
+    fn broken(&self) -> Option<&'static str>;
     /// Tells the plugin the host is shutting down (besides the `HostShutdown` message).
     fn signal_shutdown(&mut self);
     /// Publishes counters for inspection tools.
@@ -171,6 +169,8 @@ pub trait PluginLink: Send {
     fn heartbeat(&mut self);
     /// The host's state.
     fn host_state(&self) -> HostState;
+    /// Why the link's memory can no longer be trusted, if so (see [`HostLink::broken`]).
+    fn broken(&self) -> Option<&'static str>;
     /// The host's process id (0 if unknown).
     fn host_pid(&self) -> u32;
     /// Publishes counters for inspection tools: events, move frames, replies.

@@ -14,9 +14,7 @@ use crate::segment::header::{STATE_DETACHED, STATE_SHUTDOWN};
 use crate::segment::{self, RingSpec, Segment, SegmentCreateError, SegmentOpenError, stale};
 use crate::sync::Ordering;
 
-use super::{
-    HostLink, HostState, Incoming, LinkCounters, LinkError, Occupancy, PeerHealth, PluginLink,
-};
+use super::{HostLink, HostState, Incoming, LinkCounters, LinkError, Occupancy, PeerHealth, PluginLink};
 
 /// Ring index of the moves ring.
 pub const RING_MOVES: usize = 0;
@@ -95,11 +93,7 @@ impl std::fmt::Debug for ShmHostLink {
 
 impl ShmHostLink {
     /// Creates the segment `name` for plugin `plugin_id` and attaches the host's ends.
-    pub fn create(
-        name: &str,
-        plugin_id: &str,
-        sizes: &RingSizes,
-    ) -> Result<Self, SegmentCreateError> {
+    pub fn create(name: &str, plugin_id: &str, sizes: &RingSizes) -> Result<Self, SegmentCreateError> {
         let segment = Segment::create(name, plugin_id, &sizes.specs())?;
         let ring = |i| segment.ring_region(i).expect("segment has three rings");
         let bad = |e: crate::ring::RingLayoutError| SegmentCreateError::BadRing {
@@ -121,12 +115,7 @@ impl ShmHostLink {
 }
 
 impl HostLink for ShmHostLink {
-    fn try_send_moves(
-        &mut self,
-        tick: u64,
-        flags: u32,
-        moves: &[MoveRecord],
-    ) -> Result<bool, LinkError> {
+    fn try_send_moves(&mut self, tick: u64, flags: u32, moves: &[MoveRecord]) -> Result<bool, LinkError> {
         match fastpath::write_frame(&mut self.moves, tick, flags, moves) {
             Ok(_) => Ok(true),
             Err(e) => LinkError::from_reserve(e),
@@ -201,12 +190,7 @@ impl HostLink for ShmHostLink {
     }
 
     fn peer(&self) -> PeerHealth {
-        let pid = self
-            .segment
-            .header()
-            .shared
-            .attacher_pid
-            .load(Ordering::Acquire);
+        let pid = self.segment.header().shared.attacher_pid.load(Ordering::Acquire);
         PeerHealth {
             heartbeat_age_ns: self.segment.peer_heartbeat_age_ns(),
             pid,
@@ -214,12 +198,7 @@ impl HostLink for ShmHostLink {
     }
 
     fn peer_alive(&self) -> bool {
-        let pid = self
-            .segment
-            .header()
-            .shared
-            .attacher_pid
-            .load(Ordering::Acquire);
+        let pid = self.segment.header().shared.attacher_pid.load(Ordering::Acquire);
         pid != 0 && stale::pid_alive(pid, 0)
     }
 
@@ -228,6 +207,12 @@ impl HostLink for ShmHostLink {
             moves: self.moves.used()? as f64 / self.moves.capacity() as f64,
             control: self.control.used()? as f64 / self.control.capacity() as f64,
         })
+    }
+
+    fn broken(&self) -> Option<&'static str> {
+        self.segment
+            .is_broken()
+            .then_some("the plugin truncated its shared-memory segment")
     }
 
     fn signal_shutdown(&mut self) {
@@ -280,10 +265,7 @@ impl ShmPluginLink {
         if segment.rings().len() != 3 {
             return Err(SegmentOpenError::Corrupt {
                 name: name.to_owned(),
-                reason: format!(
-                    "a plugin segment has three rings, this one {}",
-                    segment.rings().len()
-                ),
+                reason: format!("a plugin segment has three rings, this one {}", segment.rings().len()),
             });
         }
         let bad = |e: crate::ring::RingLayoutError| SegmentOpenError::Corrupt {
@@ -379,6 +361,12 @@ impl PluginLink for ShmPluginLink {
 
     fn heartbeat(&mut self) {
         self.segment.beat();
+    }
+
+    fn broken(&self) -> Option<&'static str> {
+        self.segment
+            .is_broken()
+            .then_some("the host's shared-memory segment was truncated")
     }
 
     fn host_state(&self) -> HostState {

@@ -21,9 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use plugbus::host::{Hist, Host, HostConfig, PluginConfig};
-use plugbus::proto::{
-    EventEnvelope, EventType, HostToPlugin, event_envelope::Payload, host_to_plugin,
-};
+use plugbus::proto::{EventEnvelope, EventType, HostToPlugin, event_envelope::Payload, host_to_plugin};
 use plugbus::segment::monotonic_ns;
 use prost::Message;
 use serde::Serialize;
@@ -65,10 +63,7 @@ pub struct Comparison {
 }
 
 fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -78,12 +73,7 @@ fn thread_cpu_ns() -> u64 {
 trait Transport {
     /// Publishes one tick; records publish times when `times` is given (move: per tick; other
     /// events: per event id). Returns events sent.
-    fn tick(
-        &mut self,
-        tick: u64,
-        out: &mut TickOutput,
-        times: Option<&mut Times>,
-    ) -> Result<u64, String>;
+    fn tick(&mut self, tick: u64, out: &mut TickOutput, times: Option<&mut Times>) -> Result<u64, String>;
     /// Ends the run and returns the plugin's report.
     fn finish(self: Box<Self>) -> Result<PluginReport, String>;
 }
@@ -124,12 +114,7 @@ impl Plugbus {
 }
 
 impl Transport for Plugbus {
-    fn tick(
-        &mut self,
-        _tick: u64,
-        out: &mut TickOutput,
-        mut times: Option<&mut Times>,
-    ) -> Result<u64, String> {
+    fn tick(&mut self, _tick: u64, out: &mut TickOutput, mut times: Option<&mut Times>) -> Result<u64, String> {
         let mut t = self.host.begin_tick();
         let tick_no = t.number();
         let published = monotonic_ns();
@@ -170,8 +155,7 @@ impl Baseline {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let sock = dir.join(format!("baseline-{phase}.sock"));
         let report = dir.join(format!("baseline-{phase}.json"));
-        let listener =
-            UnixListener::bind(&sock).map_err(|e| format!("bind {}: {e}", sock.display()))?;
+        let listener = UnixListener::bind(&sock).map_err(|e| format!("bind {}: {e}", sock.display()))?;
         let child = Command::new(exe)
             .args(["plugin", "baseline"])
             .env("PLUGBUS_SOCKET", &sock)
@@ -206,12 +190,7 @@ impl Baseline {
 }
 
 impl Transport for Baseline {
-    fn tick(
-        &mut self,
-        tick: u64,
-        out: &mut TickOutput,
-        mut times: Option<&mut Times>,
-    ) -> Result<u64, String> {
+    fn tick(&mut self, tick: u64, out: &mut TickOutput, mut times: Option<&mut Times>) -> Result<u64, String> {
         let published = monotonic_ns();
         for (i, m) in out.moves.iter().enumerate() {
             let mut env = std::mem::take(&mut self.env);
@@ -248,30 +227,43 @@ impl Transport for Baseline {
     }
 }
 
-/// Runs one phase; returns (offered, report, host cpu ns, elapsed from first publish ns, start).
+/// Ticks of the world generated up front and replayed, so that the simulation's own cost does
+/// not limit or blur what is measured: only the transport's work is timed.
+const REPLAY_TICKS: usize = 250;
+
+fn replay() -> Vec<TickOutput> {
+    let mut world = World::new(PLAYERS, TPS, 99);
+    (0..REPLAY_TICKS)
+        .map(|_| {
+            let mut out = TickOutput::default();
+            world.step(&mut out);
+            out
+        })
+        .collect()
+}
+
+/// Runs one phase; returns (events offered, the plugin's report, host thread CPU ns spent in
+/// the transport, monotonic time of the first publish).
 fn phase(
     mut transport: Box<dyn Transport>,
+    ticks: &mut [TickOutput],
     seconds: f64,
     paced: bool,
-    times: Option<&mut Times>,
+    mut times: Option<&mut Times>,
 ) -> Result<(u64, PluginReport, u64, u64), String> {
-    let mut world = World::new(PLAYERS, TPS, 99);
-    let mut out = TickOutput::default();
     let tick_len = Duration::from_secs_f64(1.0 / f64::from(TPS));
-    let mut times = times;
     let start = monotonic_ns();
-    let cpu0 = thread_cpu_ns();
     let started = Instant::now();
     let mut next = Instant::now() + tick_len;
     let mut offered = 0;
+    let mut cpu = 0;
     let mut tick = 0u64;
-    while started.elapsed().as_secs_f64() < seconds
-        && !crate::STOP.load(plugbus::sync::Ordering::Relaxed)
-    {
+    while started.elapsed().as_secs_f64() < seconds && !crate::STOP.load(plugbus::sync::Ordering::Relaxed) {
+        let out = &mut ticks[tick as usize % ticks.len()];
         tick += 1;
-        world.step(&mut out);
-        offered += transport.tick(tick, &mut out, times.as_deref_mut())?;
-        world.recycle(&mut out);
+        let cpu0 = thread_cpu_ns();
+        offered += transport.tick(tick, out, times.as_deref_mut())?;
+        cpu += thread_cpu_ns() - cpu0;
         if paced {
             let now = Instant::now();
             if next > now {
@@ -280,7 +272,6 @@ fn phase(
             next += tick_len;
         }
     }
-    let cpu = thread_cpu_ns() - cpu0;
     let report = transport.finish()?;
     Ok((offered, report, cpu, start))
 }
@@ -296,9 +287,10 @@ fn side(which: &str, seconds: f64, dir: &Path) -> Result<Side, String> {
             _ => Box::new(Baseline::start(dir, record, phase)?),
         })
     };
+    let mut ticks = replay();
     // Latency at the real pace.
     let mut times = Times::default();
-    let (_, r, _, _) = phase(make("all", "latency")?, seconds, true, Some(&mut times))?;
+    let (_, r, _, _) = phase(make("all", "latency")?, &mut ticks, seconds, true, Some(&mut times))?;
     let mut hist = Hist::default();
     for [tick, seen, count] in &r.move_frames {
         if let Some(p) = times.ticks.get(tick) {
@@ -313,7 +305,7 @@ fn side(which: &str, seconds: f64, dir: &Path) -> Result<Side, String> {
         }
     }
     // Throughput at saturation.
-    let (offered, r, cpu, start) = phase(make("none", "throughput")?, seconds, false, None)?;
+    let (offered, r, cpu, start) = phase(make("none", "throughput")?, &mut ticks, seconds, false, None)?;
     let got = delivered(&r);
     let elapsed = r.last_ns.saturating_sub(start).max(1);
     Ok(Side {
@@ -397,9 +389,7 @@ pub fn baseline_plugin() -> Result<(), String> {
             Err(e) => return Err(format!("read: {e}")),
         };
         buf.resize(len, 0);
-        reader
-            .read_exact(&mut buf)
-            .map_err(|e| format!("read: {e}"))?;
+        reader.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
         let msg = HostToPlugin::decode(buf.as_slice()).map_err(|e| format!("decode: {e}"))?;
         let now = monotonic_ns();
         report.last_ns = now;
@@ -411,8 +401,7 @@ pub fn baseline_plugin() -> Result<(), String> {
                 report.moves += 1;
                 report.checksum += m.position.map_or(0.0, |p| p.x + p.z);
                 if record {
-                    if let Some(tick) = env.event_id.split('.').next().and_then(|t| t.parse().ok())
-                    {
+                    if let Some(tick) = env.event_id.split('.').next().and_then(|t| t.parse().ok()) {
                         report.move_frames.push([tick, now, 1]);
                     }
                 }

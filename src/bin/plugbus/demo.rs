@@ -116,10 +116,7 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
     let m = host.metrics();
     let us = |ns: u64| format!("{:.1}", ns as f64 / 1000.0);
     println!();
-    println!(
-        "summary ({} ticks, {} overruns)",
-        report.ticks, report.tick_overruns
-    );
+    println!("summary ({} ticks, {} overruns)", report.ticks, report.tick_overruns);
     println!(
         "  server: {} moves and {} other events offered, {} filtered by subscription (never encoded)",
         m.host.moves_offered,
@@ -140,15 +137,7 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
     println!();
     println!(
         "  {:<10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>6} {:>12} {:>12}",
-        "plugin",
-        "events",
-        "moves",
-        "conflated",
-        "frames",
-        "replies",
-        "late",
-        "reply p50 µs",
-        "reply p99 µs"
+        "plugin", "events", "moves", "conflated", "frames", "replies", "late", "reply p50 µs", "reply p99 µs"
     );
     for (id, p) in &m.plugins {
         let name = match id.as_str() {
@@ -171,8 +160,6 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
     }
     drop(host);
     println!();
-    println!(
-        "segments removed, plugins stopped. Next: `plugbus loadtest --help`, `plugbus compare`."
-    );
+    println!("segments removed, plugins stopped. Next: `plugbus loadtest --help`, `plugbus compare`.");
     Ok(())
 }

@@ -1,8 +1,6 @@
 //! `plugbus inspect` and `plugbus cleanup`.
 
-use plugbus::segment::header::{
-    STATE_ATTACHED, STATE_DETACHED, STATE_INIT, STATE_READY, STATE_SHUTDOWN,
-};
+use plugbus::segment::header::{STATE_ATTACHED, STATE_DETACHED, STATE_INIT, STATE_READY, STATE_SHUTDOWN};
 use plugbus::segment::stale;
 use plugbus::transport::shm::counters;
 
@@ -39,11 +37,7 @@ pub fn inspect() -> Result<(), String> {
         println!("{}  ({} bytes)", s.name, s.size);
         if let Some(e) = &s.error {
             println!("  unreadable: {e}");
-            println!(
-                "  creator pid {} ({})",
-                s.creator_pid,
-                alive(s.creator_alive)
-            );
+            println!("  creator pid {} ({})", s.creator_pid, alive(s.creator_alive));
             continue;
         }
         println!(
@@ -66,10 +60,7 @@ pub fn inspect() -> Result<(), String> {
             age(s.attacher_heartbeat_age_ns)
         );
         for (i, (d, head, tail)) in s.rings.iter().enumerate() {
-            let name = ["moves", "control", "replies"]
-                .get(i)
-                .copied()
-                .unwrap_or("ring");
+            let name = ["moves", "control", "replies"].get(i).copied().unwrap_or("ring");
             let bytes = d.capacity * u64::from(d.unit);
             let used = tail.saturating_sub(*head) * if d.kind == 1 { u64::from(d.unit) } else { 1 };
             println!(

@@ -75,9 +75,7 @@ impl Handler for LoadPlugin {
         let now = monotonic_ns();
         self.report.last_ns = now;
         if self.record != Record::None && self.report.move_frames.len() < MAX_SAMPLES {
-            self.report
-                .move_frames
-                .push([tick, now, moves.len() as u64]);
+            self.report.move_frames.push([tick, now, moves.len() as u64]);
         }
         self.report.moves += moves.len() as u64;
         self.report.checksum += moves.iter().map(|m| m.x + m.z).sum::<f64>();

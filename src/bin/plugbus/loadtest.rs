@@ -139,10 +139,7 @@ fn pow2_at_least(n: u64) -> u64 {
 }
 
 /// Runs the simulation against the plugins; `progress` is called about every 250 ms.
-pub fn run(
-    spec: &LoadSpec,
-    mut progress: impl FnMut(&Progress<'_>),
-) -> Result<(LoadReport, Host), String> {
+pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(LoadReport, Host), String> {
     let dir = std::env::temp_dir().join(format!("plugbus-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -160,10 +157,7 @@ pub fn run(
             .rings(rings)
             .required(true);
         if spec.reports {
-            cfg = cfg.env(
-                "PLUGBUS_REPORT",
-                &dir.join(format!("{id}.json")).display().to_string(),
-            );
+            cfg = cfg.env("PLUGBUS_REPORT", &dir.join(format!("{id}.json")).display().to_string());
         }
         if spec.pin {
             let cpu = (1 + i) % ncpu;
@@ -176,14 +170,13 @@ pub fn run(
     config.host.hello_timeout_ms = 10_000;
     config.host.shutdown_grace_ms = 10_000;
     let mut host = Host::start(config).map_err(|e| e.to_string())?;
-    let ids: Vec<String> = (0..spec.plugins.len())
-        .map(|i| format!("load-{i}"))
-        .collect();
+    let ids: Vec<String> = (0..spec.plugins.len()).map(|i| format!("load-{i}")).collect();
     // Wait until each plugin's subscriptions are in, so the measured window starts clean.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !ids.iter().all(|id| {
-        host.is_subscribed(id, EventType::PlayerMove) || host.is_subscribed(id, EventType::Chat)
-    }) {
+    while !ids
+        .iter()
+        .all(|id| host.is_subscribed(id, EventType::PlayerMove) || host.is_subscribed(id, EventType::Chat))
+    {
         if Instant::now() > deadline {
             return Err("plugins did not subscribe within 10 s".into());
         }
@@ -234,10 +227,7 @@ pub fn run(
         let steady = t >= warmup_ticks;
         if t == warmup_ticks {
             steady_started = Instant::now();
-            cpu_start = ids
-                .iter()
-                .map(|id| host.pid_of(id).and_then(cpu_ticks))
-                .collect();
+            cpu_start = ids.iter().map(|id| host.pid_of(id).and_then(cpu_ticks)).collect();
         }
         world.step(&mut out);
         let moves: &[MoveRecord] = &out.moves;
@@ -267,8 +257,8 @@ pub fn run(
         let cost = started.elapsed();
         let allocs = alloc_count() - allocs_before;
         tick_pub.push((tick_no, published));
-        critical_offered += out.requests.len() as u64
-            + out.events.iter().filter(|e| is_critical(e.r#type)).count() as u64;
+        critical_offered +=
+            out.requests.len() as u64 + out.events.iter().filter(|e| is_critical(e.r#type)).count() as u64;
         offered_moves += moves.len() as u64;
         offered_events += (out.events.len() + out.requests.len()) as u64;
         window_events += n_events;
@@ -361,9 +351,7 @@ pub fn run(
 
     if spec.reports {
         let tick_times: HashMap<u64, u64> = tick_pub.iter().copied().collect();
-        let first_steady_tick = tick_pub
-            .get(warmup_ticks as usize)
-            .map_or(u64::MAX, |t| t.0);
+        let first_steady_tick = tick_pub.get(warmup_ticks as usize).map_or(u64::MAX, |t| t.0);
         let mut delivered_moves = 0;
         for id in &ids {
             let path = dir.join(format!("{id}.json"));
@@ -371,10 +359,7 @@ pub fn run(
             delivered_moves += r.moves;
             for (ty, n) in &r.counts {
                 let name = EventType::try_from(*ty).map_or("UNKNOWN", |e| e.as_str_name());
-                *report
-                    .events_delivered_by_type
-                    .entry(name.to_owned())
-                    .or_default() += n;
+                *report.events_delivered_by_type.entry(name.to_owned()).or_default() += n;
                 report.events_delivered += n;
             }
             for [tick, seen, _] in &r.move_frames {
@@ -393,10 +378,7 @@ pub fn run(
                 }
                 last = *id;
                 if let Some(p) = event_pub.get(id) {
-                    report
-                        .samples
-                        .observe_events
-                        .record(seen.saturating_sub(*p));
+                    report.samples.observe_events.record(seen.saturating_sub(*p));
                 }
             }
             report.critical_lost += critical_offered.saturating_sub(seen_critical);

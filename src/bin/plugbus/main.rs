@@ -79,10 +79,7 @@ pub fn pin_current_thread(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!(
-                "cannot pin to cpu {cpu}: {}",
-                std::io::Error::last_os_error()
-            );
+            eprintln!("cannot pin to cpu {cpu}: {}", std::io::Error::last_os_error());
         }
     }
 }
@@ -251,7 +248,7 @@ pub fn on_ctrl_c() {
 
 fn loadtest_cmd(a: &LoadArgs) -> Result<(), String> {
     let wait: WaitStrategy = a.wait.parse()?;
-    if a.plugins == 0 || a.players == 0 || a.tps == 0 || !(a.seconds > 0.0) {
+    if a.plugins == 0 || a.players == 0 || a.tps == 0 || a.seconds.is_nan() || a.seconds <= 0.0 {
         return Err("--players, --tps, --plugins and --seconds must be positive".into());
     }
     on_ctrl_c();
@@ -270,12 +267,7 @@ fn loadtest_cmd(a: &LoadArgs) -> Result<(), String> {
             .map(|_| {
                 (
                     exe.clone(),
-                    vec![
-                        "plugin".into(),
-                        "load".into(),
-                        "--wait".into(),
-                        a.wait.clone(),
-                    ],
+                    vec!["plugin".into(), "load".into(), "--wait".into(), a.wait.clone()],
                 )
             })
             .collect(),

@@ -8,8 +8,7 @@ use plugbus::host::MetricsSnapshot;
 /// loop refreshes it).
 pub fn serve(addr: Option<&str>) -> Result<Option<Arc<Mutex<MetricsSnapshot>>>, String> {
     let Some(addr) = addr else { return Ok(None) };
-    let server =
-        tiny_http::Server::http(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let server = tiny_http::Server::http(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let shared = Arc::new(Mutex::new(MetricsSnapshot::default()));
     let snapshot = Arc::clone(&shared);
     std::thread::Builder::new()
@@ -17,10 +16,7 @@ pub fn serve(addr: Option<&str>) -> Result<Option<Arc<Mutex<MetricsSnapshot>>>, 
         .spawn(move || {
             for request in server.incoming_requests() {
                 let response = if request.url() == "/metrics" {
-                    let body = snapshot
-                        .lock()
-                        .map(|s| s.to_prometheus())
-                        .unwrap_or_default();
+                    let body = snapshot.lock().map(|s| s.to_prometheus()).unwrap_or_default();
                     let header = tiny_http::Header::from_bytes(
                         &b"Content-Type"[..],
                         &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],

@@ -91,9 +91,7 @@ impl World {
         let mut rng = Rng::new(seed);
         let players = (0..players)
             .map(|i| {
-                let uuid =
-                    uuid::Uuid::from_u64_pair(0x706c_7567_6275_7300 | (i as u64 >> 32), i as u64)
-                        .into_bytes();
+                let uuid = uuid::Uuid::from_u64_pair(0x706c_7567_6275_7300 | (i as u64 >> 32), i as u64).into_bytes();
                 Player {
                     uuid,
                     uuid_text: uuid::Uuid::from_bytes(uuid).hyphenated().to_string(),
@@ -167,8 +165,7 @@ impl World {
             p.pos[2] += p.heading.sin() * speed;
             p.yaw = (p.heading.to_degrees() as f32).rem_euclid(360.0);
             p.pitch = ((self.rng.unit() - 0.5) * 20.0) as f32;
-            out.moves
-                .push(MoveRecord::new(p.uuid, p.pos, p.yaw, p.pitch));
+            out.moves.push(MoveRecord::new(p.uuid, p.pos, p.yaw, p.pitch));
             if self.rng.chance(self.rates.chat * per_tick) {
                 let line = self.chat_lines[self.rng.below(self.chat_lines.len())];
                 let mut env = self.pool.take(EventType::Chat);

@@ -1,0 +1,381 @@
+//! The event handed to `on_event`: accessors for its fields and the reply helpers.
+
+use std::cell::Cell;
+use std::ffi::c_char;
+
+use super::{Error, PLUGBUS_ERR_CLOSED, PLUGBUS_OK, arg_str, guard, is_known, plugbus_status, plugbus_str, put_opt};
+use crate::plugin::Reply;
+use crate::proto::{EventEnvelope, event_envelope::Payload};
+
+/// One event, opaque to C. Valid only during the `on_event` callback it was passed to: its
+/// accessors and reply helpers return `PLUGBUS_ERR_BAD_STATE` after that.
+#[derive(Debug)]
+pub struct plugbus_event {
+    /// The event being handled (null outside `on_event`).
+    pub(crate) frame: Cell<*mut EventFrame<'static>>,
+    /// Its handle was closed.
+    pub(crate) closed: Cell<bool>,
+}
+
+impl Default for plugbus_event {
+    fn default() -> Self {
+        Self {
+            frame: Cell::new(std::ptr::null_mut()),
+            closed: Cell::new(false),
+        }
+    }
+}
+
+/// What the runtime lends for one `on_event` call, and the reply the C code chooses.
+pub(crate) struct EventFrame<'a> {
+    pub env: &'a EventEnvelope,
+    pub bytes: &'a [u8],
+    pub reply: Reply,
+    pub max_message: usize,
+}
+
+/// Runs `f` on the event being handled.
+///
+/// # Safety
+/// `ev` is NULL or the pointer passed to an `on_event` callback (during or after it, until the
+/// handle is closed); not used by another thread during the call.
+unsafe fn with_event<R>(
+    ev: *const plugbus_event,
+    f: impl FnOnce(&mut EventFrame<'_>) -> Result<R, Error>,
+) -> Result<R, Error> {
+    if ev.is_null() {
+        return Err(Error::null("the event"));
+    }
+    if !is_known(ev as usize) {
+        return Err(Error::new(
+            PLUGBUS_ERR_CLOSED,
+            "not a plugbus event (never passed to on_event)",
+        ));
+    }
+    // SAFETY: registered addresses are event objects inside handles, which are never freed (see
+    // `connection::handle`); only shared references to them are made.
+    let ev = unsafe { &*ev };
+    if ev.closed.get() {
+        return Err(Error::new(PLUGBUS_ERR_CLOSED, "the event's handle was closed"));
+    }
+    let frame = ev.frame.get();
+    if frame.is_null() {
+        return Err(Error::bad_state(
+            "the event is valid only during its on_event callback (read what you need there)",
+        ));
+    }
+    // SAFETY: the trampoline sets `frame` to its stack `EventFrame` just before calling
+    // `on_event` and clears it before that frame ends; it is non-null, so we are nested in that
+    // callback on its thread, and the trampoline does not touch the frame until the callback
+    // returns: this is the only access.
+    f(unsafe { &mut *frame })
+}
+
+fn kind(env: &EventEnvelope) -> &'static str {
+    env.payload.as_ref().map_or("empty", |p| p.event_type().as_str_name())
+}
+
+/// The event's id (`EventEnvelope.event_id`), valid during the callback.
+///
+/// # Safety
+/// `event` is NULL or a pointer passed to `on_event`; `out` is NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn plugbus_event_id(event: *mut plugbus_event, out: *mut plugbus_str) -> plugbus_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Error::null("out"));
+        }
+        // SAFETY: the caller's contract on `event`.
+        unsafe {
+            with_event(event, |e| {
+                out.write(plugbus_str::new(&e.env.event_id));
+                Ok(PLUGBUS_OK)
+            })
+        }
+    })
+}
+
+/// The event's df.plugin `EventType` number (`PLUGBUS_EVENT_*`).
+///
+/// # Safety
+/// `event` is NULL or a pointer passed to `on_event`; `out` is NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn plugbus_event_type(event: *mut plugbus_event, out: *mut i32) -> plugbus_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Error::null("out"));
+        }
+        // SAFETY: the caller's contract on `event` and `out`.
+        unsafe {
+            with_event(event, |e| {
+                let t = e.env.payload.as_ref().map_or(e.env.r#type, |p| p.event_type() as i32);
+                out.write(t);
+                Ok(PLUGBUS_OK)
+            })
+        }
+    })
+}
+
+/// Whether the host waits for this plugin's answer (a reply helper's choice, or an ack).
+///
+/// # Safety
+/// `event` is NULL or a pointer passed to `on_event`; `out` is NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn plugbus_event_expects_response(event: *mut plugbus_event, out: *mut bool) -> plugbus_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(Error::null("out"));
+        }
+        // SAFETY: the caller's contract on `event` and `out`.
+        unsafe {
+            with_event(event, |e| {
+                out.write(e.env.expects_response);
+                Ok(PLUGBUS_OK)
+            })
+        }
+    })
+}
+
+/// The event's encoded df.plugin `EventEnvelope` (decode it with any protobuf library for the
+/// fields the accessors do not cover). The bytes are valid during the callback.
+///
+/// # Safety
+/// `event` is NULL or a pointer passed to `on_event`; `data` and `len` are NULL or valid for a
+/// write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn plugbus_event_bytes(
+    event: *mut plugbus_event,
+    data: *mut *const u8,
+    len: *mut usize,
+) -> plugbus_status {
+    guard(|| {
+        if data.is_null() || len.is_null() {
+            return Err(Error::null("data or len"));
+        }
+        // SAFETY: the caller's contract on each pointer.
+        unsafe {
+            with_event(event, |e| {
+                data.write(e.bytes.as_ptr());
+                len.write(e.bytes.len());
+                Ok(PLUGBUS_OK)
+            })
+        }
+    })
+}
+
+/// The fields of a `CHAT` event; `PLUGBUS_ERR_INVALID_ARGUMENT` for another type. Each out
+/// pointer may be NULL (skipped). The strings are valid during the callback.
+///
+/// # Safety
+/// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
+/// write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn plugbus_event_chat(
+    event: *mut plugbus_event,
+    player_uuid: *mut plugbus_str,
+    name: *mut plugbus_str,
+    message: *mut plugbus_str,
+) -> plugbus_status {
+    guard(|| {
+        // SAFETY: the caller's contract on each pointer.
+        unsafe {
+            with_event(event, |e| {
+                let Some(Payload::Chat(c)) = &e.env.payload else {
+                    return Err(Error::invalid(format!("not a CHAT event: {}", kind(e.env))));
+                };
+                put_opt(player_uuid, plugbus_str::new(&c.player_uuid));
+                put_opt(name, plugbus_str::new(&c.name));
+                put_opt(message, plugbus_str::new(&c.message));
+                Ok(PLUGBUS_OK)
+            })
+        }
+    })
+}
+
+/// The fields of a `COMMAND` event (`name` without the slash, `raw` the whole line typed);
+/// `PLUGBUS_ERR_INVALID_ARGUMENT` for another type. Each out pointer may be NULL (skipped).
+/// Arguments: `plugbus_event_command_arg`. The strings are valid during the callback.
+///
+/// # Safety
+/// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
+/// write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn plugbus_event_command(
+    event: *mut plugbus_event,
+    player_uuid: *mut plugbus_str,
+    name: *mut plugbus_str,
+    raw: *mut plugbus_str,
+    arg_count: *mut usize,
+) -> plugbus_status {
+    guard(|| {
+        // SAFETY: the caller's contract on each pointer.
+        unsafe {
+            with_event(event, |e| {
+                let Some(Payload::Command(c)) = &e.env.payload else {
+                    return Err(Error::invalid(format!("not a COMMAND event: {}", kind(e.env))));
+                };
+                put_opt(player_uuid, plugbus_str::new(&c.player_uuid));
+                put_opt(name, plugbus_str::new(&c.name));
+                put_opt(raw, plugbus_str::new(&c.raw));
+                put_opt(arg_count, c.args.len());
+                Ok(PLUGBUS_OK)
+            })
+        }
+    })
+}
+
+/// Argument `index` (from 0) of a `COMMAND` event; `PLUGBUS_ERR_INVALID_ARGUMENT` if `index` is
+/// not below the count or the event is another type. Valid during the callback.
+///
+/// # Safety
+/// `event` is NULL or a pointer passed to `on_event`; `arg` is NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn plugbus_event_command_arg(
+    event: *mut plugbus_event,
+    index: usize,
+    arg: *mut plugbus_str,
+) -> plugbus_status {
+    guard(|| {
+        if arg.is_null() {
+            return Err(Error::null("arg"));
+        }
+        // SAFETY: the caller's contract on each pointer.
+        unsafe {
+            with_event(event, |e| {
+                let Some(Payload::Command(c)) = &e.env.payload else {
+                    return Err(Error::invalid(format!("not a COMMAND event: {}", kind(e.env))));
+                };
+                let a = c.args.get(index).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "argument index {index} out of range (the command has {})",
+                        c.args.len()
+                    ))
+                })?;
+                arg.write(plugbus_str::new(a));
+                Ok(PLUGBUS_OK)
+            })
+        }
+    })
+}
+
+/// The fields of a `PLAYER_JOIN` event; `PLUGBUS_ERR_INVALID_ARGUMENT` for another type. Each
+/// out pointer may be NULL (skipped). The strings are valid during the callback.
+///
+/// # Safety
+/// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
+/// write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn plugbus_event_join(
+    event: *mut plugbus_event,
+    player_uuid: *mut plugbus_str,
+    name: *mut plugbus_str,
+) -> plugbus_status {
+    guard(|| {
+        // SAFETY: the caller's contract on each pointer.
+        unsafe {
+            with_event(event, |e| {
+                let Some(Payload::PlayerJoin(j)) = &e.env.payload else {
+                    return Err(Error::invalid(format!("not a PLAYER_JOIN event: {}", kind(e.env))));
+                };
+                put_opt(player_uuid, plugbus_str::new(&j.player_uuid));
+                put_opt(name, plugbus_str::new(&j.name));
+                Ok(PLUGBUS_OK)
+            })
+        }
+    })
+}
+
+/// The fields of a `PLAYER_QUIT` event; `PLUGBUS_ERR_INVALID_ARGUMENT` for another type. Each
+/// out pointer may be NULL (skipped). The strings are valid during the callback.
+///
+/// # Safety
+/// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
+/// write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn plugbus_event_quit(
+    event: *mut plugbus_event,
+    player_uuid: *mut plugbus_str,
+    name: *mut plugbus_str,
+) -> plugbus_status {
+    guard(|| {
+        // SAFETY: the caller's contract on each pointer.
+        unsafe {
+            with_event(event, |e| {
+                let Some(Payload::PlayerQuit(q)) = &e.env.payload else {
+                    return Err(Error::invalid(format!("not a PLAYER_QUIT event: {}", kind(e.env))));
+                };
+                put_opt(player_uuid, plugbus_str::new(&q.player_uuid));
+                put_opt(name, plugbus_str::new(&q.name));
+                Ok(PLUGBUS_OK)
+            })
+        }
+    })
+}
+
+/// Answers the event with "no change" (what happens anyway if no reply helper is called).
+/// The last reply helper called during the callback wins. Replies to events that do not expect
+/// a response are accepted and ignored.
+///
+/// # Safety
+/// `event` is NULL or a pointer passed to `on_event`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn plugbus_reply_ack(event: *mut plugbus_event) -> plugbus_status {
+    guard(|| {
+        // SAFETY: the caller's contract on `event`.
+        unsafe {
+            with_event(event, |e| {
+                e.reply = Reply::Ack;
+                Ok(PLUGBUS_OK)
+            })
+        }
+    })
+}
+
+/// Answers the event with "cancel it" (the host drops a cancelled chat message, ...).
+///
+/// # Safety
+/// `event` is NULL or a pointer passed to `on_event`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn plugbus_reply_cancel(event: *mut plugbus_event) -> plugbus_status {
+    guard(|| {
+        // SAFETY: the caller's contract on `event`.
+        unsafe {
+            with_event(event, |e| {
+                e.reply = Reply::Cancel;
+                Ok(PLUGBUS_OK)
+            })
+        }
+    })
+}
+
+/// Answers a `CHAT` event with "replace the message by `message`" (`len` bytes of UTF-8, not
+/// necessarily NUL-terminated; copied). `PLUGBUS_ERR_INVALID_ARGUMENT` for another event type,
+/// text that is not UTF-8, or a message larger than the replies ring carries.
+///
+/// # Safety
+/// `event` is NULL or a pointer passed to `on_event`; `message` is NULL or points to `len`
+/// readable bytes (when `len` is within the ring's limit).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn plugbus_reply_set_chat_message(
+    event: *mut plugbus_event,
+    message: *const c_char,
+    len: usize,
+) -> plugbus_status {
+    guard(|| {
+        // SAFETY: the caller's contract on `event` and `message`; the length is checked first.
+        unsafe {
+            with_event(event, |e| {
+                if !matches!(e.env.payload, Some(Payload::Chat(_))) {
+                    return Err(Error::invalid(format!("not a CHAT event: {}", kind(e.env))));
+                }
+                // Room for the message around the text: the ids (a plugin id is at most 48 bytes), tags
+                // and lengths.
+                let overhead = 128 + e.env.event_id.len();
+                let max = e.max_message.saturating_sub(overhead);
+                let text = arg_str(message, len, max, "message")?;
+                e.reply = Reply::chat_message(text);
+                Ok(PLUGBUS_OK)
+            })
+        }
+    })
+}

@@ -22,9 +22,17 @@
 //!
 //! Waiting loops spin with `spin_loop` and yield every 64th turn: the bench machine may have only
 //! two cores for two busy threads and the OS.
+//!
+//! The producer and the consumer are pinned to two different CPUs (the first two this process
+//! may use). Unpinned, a scheduler that finds one core busy with something else puts both sides
+//! on the other one; they then take turns filling and draining the whole ring from one cache,
+//! which measures time-slicing rather than a cross-core ring (several times faster, and not what a
+//! host and a plugin on separate cores see). Set `PLUGBUS_BENCH_NO_PIN=1` to leave placement to
+//! the scheduler.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group};
@@ -120,12 +128,7 @@ fn push_plugbus_one(tx: &mut record::Producer<Rec>, iters: u64, mut stalled: imp
 }
 
 #[inline]
-fn push_plugbus(
-    tx: &mut record::Producer<Rec>,
-    rec: Rec,
-    backoff: &mut Backoff,
-    stalled: &mut impl FnMut(),
-) {
+fn push_plugbus(tx: &mut record::Producer<Rec>, rec: Rec, backoff: &mut Backoff, stalled: &mut impl FnMut()) {
     while let Err(e) = tx.try_push(rec) {
         match e {
             record::PushError::Full(_) => {
@@ -185,9 +188,7 @@ fn push_rtrb_batch(p: &mut rtrb::Producer<Rec>, iters: u64) {
 fn read_plugbus<const FULL: bool>(rx: &mut record::Consumer<Rec>, iters: u64) -> u64 {
     let (mut next, mut bad, mut backoff) = (0, 0, Backoff(0));
     while next < iters {
-        let batch = rx
-            .read((iters - next) as usize)
-            .expect("plugbus ring broken");
+        let batch = rx.read((iters - next) as usize).expect("plugbus ring broken");
         if batch.is_empty() {
             backoff.snooze();
             continue;
@@ -249,6 +250,71 @@ fn read_rtrb<const FULL: bool>(c: &mut rtrb::Consumer<Rec>, iters: u64) -> u64 {
     bad
 }
 
+// ---- CPU placement ----
+
+/// Environment variable that turns pinning off.
+const NO_PIN_ENV: &str = "PLUGBUS_BENCH_NO_PIN";
+/// Environment variable that tells the child which CPU to consume on.
+const CHILD_CPU_ENV: &str = "PLUGBUS_BENCH_CHILD_CPU";
+
+/// Where the two sides run: every CPU the process may use, and one for each side.
+struct Cpus {
+    all: Vec<usize>,
+    producer: usize,
+    consumer: usize,
+}
+
+/// The placement, read once from the process's affinity mask before anything is pinned; `None`
+/// with fewer than two CPUs or with `PLUGBUS_BENCH_NO_PIN` set.
+fn cpus() -> Option<&'static Cpus> {
+    static CPUS: OnceLock<Option<Cpus>> = OnceLock::new();
+    CPUS.get_or_init(|| {
+        if std::env::var_os(NO_PIN_ENV).is_some() {
+            return None;
+        }
+        // SAFETY: cpu_set_t is an array of integers, so all-zero bits are a valid (empty) set;
+        // sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into it, its exact size;
+        // CPU_ISSET reads bit c < CPU_SETSIZE of it.
+        let all: Vec<usize> = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+                return None;
+            }
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| libc::CPU_ISSET(c, &set))
+                .collect()
+        };
+        (all.len() >= 2).then(|| Cpus {
+            producer: all[0],
+            consumer: all[1],
+            all,
+        })
+    })
+    .as_ref()
+}
+
+/// Restricts the calling thread to `cpus` (each < CPU_SETSIZE).
+fn pin(cpus: &[usize]) {
+    let size = libc::CPU_SETSIZE as usize;
+    assert!(cpus.iter().all(|&c| c < size), "cpu number out of range");
+    // SAFETY: all-zero bits are a valid (empty) cpu_set_t; CPU_SET writes bit c < CPU_SETSIZE
+    // (asserted above) of it; sched_setaffinity reads size_of::<cpu_set_t>() bytes from it, its
+    // exact size, and applies to the calling thread only (pid 0).
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setaffinity({cpus:?}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 // ---- in-process pairs ----
 
 type Push<P> = fn(&mut P, u64);
@@ -259,6 +325,7 @@ type Pop<C> = fn(&mut C, u64) -> u64;
 ///
 /// The two ends live on their own cache lines: each writes its private position on every
 /// push / pop, and two ends side by side on one stack would share a line between the threads.
+/// The producer thread runs on `Cpus::producer`, the caller on `Cpus::consumer` until it returns.
 fn two_threads<P: Send, C>(
     tx: &mut CachePadded<P>,
     rx: &mut CachePadded<C>,
@@ -266,18 +333,29 @@ fn two_threads<P: Send, C>(
     push: Push<P>,
     pop: Pop<C>,
 ) -> Duration {
-    std::thread::scope(|s| {
+    let cpus = cpus();
+    let elapsed = std::thread::scope(|s| {
         let producer = s.spawn(move || {
+            if let Some(c) = cpus {
+                pin(&[c.producer]);
+            }
             let start = Instant::now();
             push(&mut **tx, iters);
             start
         });
+        if let Some(c) = cpus {
+            pin(&[c.consumer]);
+        }
         let bad = pop(&mut **rx, iters);
         let stop = Instant::now();
         let start = producer.join().expect("producer thread panicked");
         assert_eq!(bad, 0, "records arrived out of order or damaged");
         stop.saturating_duration_since(start)
-    })
+    });
+    if let Some(c) = cpus {
+        pin(&c.all);
+    }
+    elapsed
 }
 
 // ---- cross-process ----
@@ -320,33 +398,36 @@ struct CrossProcess {
 impl CrossProcess {
     fn spawn() -> Self {
         let name = segment::unique_name("bench");
-        let rings = [
-            RingSpec::records::<Rec>(CAP as u64),
-            RingSpec::records::<Rec>(ACK_CAP),
-        ];
+        let rings = [RingSpec::records::<Rec>(CAP as u64), RingSpec::records::<Rec>(ACK_CAP)];
         let seg = Segment::create(&name, "bench", &rings).expect("create the bench segment");
-        let tx = record::Producer::attach(seg.ring_region(0).expect("data ring"))
-            .expect("attach data ring");
-        let acks = record::Consumer::attach(seg.ring_region(1).expect("ack ring"))
-            .expect("attach ack ring");
+        let tx = record::Producer::attach(seg.ring_region(0).expect("data ring")).expect("attach data ring");
+        let acks = record::Consumer::attach(seg.ring_region(1).expect("ack ring")).expect("attach ack ring");
         let exe = std::env::current_exe().expect("path of the bench binary");
-        let child = Command::new(exe)
-            .env(CHILD_ENV, &name)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn the bench child");
-        let mut cp = Self {
-            child,
-            tx,
-            acks,
-            seg,
-        };
+        let mut cmd = Command::new(exe);
+        cmd.env(CHILD_ENV, &name).stdin(Stdio::null());
+        if let Some(c) = cpus() {
+            cmd.env(CHILD_CPU_ENV, c.consumer.to_string());
+        }
+        let child = cmd.spawn().expect("spawn the bench child");
+        let mut cp = Self { child, tx, acks, seg };
         cp.run(VERIFY_N, RUN_FULL);
         cp
     }
 
-    /// One run of `iters` records, timed from the first data push until the child's DONE.
+    /// One run of `iters` records, timed from the first data push until the child's DONE. The
+    /// calling thread produces on `Cpus::producer` (the child consumes on `Cpus::consumer`).
     fn run(&mut self, iters: u64, kind: u32) -> Duration {
+        if let Some(c) = cpus() {
+            pin(&[c.producer]);
+        }
+        let elapsed = self.run_here(iters, kind);
+        if let Some(c) = cpus() {
+            pin(&c.all);
+        }
+        elapsed
+    }
+
+    fn run_here(&mut self, iters: u64, kind: u32) -> Duration {
         self.send_control(kind, iters);
         assert_eq!(self.wait_ack(READY), 0);
         let start = Instant::now();
@@ -360,12 +441,9 @@ impl CrossProcess {
 
     fn send_control(&mut self, kind: u32, value: u64) {
         let child = &mut self.child;
-        push_plugbus(
-            &mut self.tx,
-            control(kind, value),
-            &mut Backoff(0),
-            &mut || check_child(child),
-        );
+        push_plugbus(&mut self.tx, control(kind, value), &mut Backoff(0), &mut || {
+            check_child(child)
+        });
         self.seg.header().to_attacher.ring();
     }
 
@@ -373,10 +451,7 @@ impl CrossProcess {
         let mut backoff = Backoff(0);
         loop {
             if let Some(r) = self.acks.try_pop().expect("ack ring broken") {
-                assert!(
-                    r.seq == CONTROL && r.kind == kind,
-                    "expected ack {kind}, got {r:?}"
-                );
+                assert!(r.seq == CONTROL && r.kind == kind, "expected ack {kind}, got {r:?}");
                 return r.value;
             }
             if backoff.snooze() {
@@ -414,12 +489,12 @@ impl Drop for CrossProcess {
 fn child_main(name: &str) {
     let seg = Segment::open(name).unwrap_or_else(|e| panic!("bench child: {e}"));
     die_with_parent(seg.header().fixed.creator_pid);
-    let mut rx = record::Consumer::<Rec>::attach(seg.ring_region(0).expect("data ring"))
-        .expect("attach data ring");
-    let mut acks = record::Producer::<Rec>::attach(seg.ring_region(1).expect("ack ring"))
-        .expect("attach ack ring");
-    let mut ack =
-        |kind, value| push_plugbus(&mut acks, control(kind, value), &mut Backoff(0), &mut || {});
+    if let Ok(cpu) = std::env::var(CHILD_CPU_ENV) {
+        pin(&[cpu.parse().expect("PLUGBUS_BENCH_CHILD_CPU is a CPU number")]);
+    }
+    let mut rx = record::Consumer::<Rec>::attach(seg.ring_region(0).expect("data ring")).expect("attach data ring");
+    let mut acks = record::Producer::<Rec>::attach(seg.ring_region(1).expect("ack ring")).expect("attach ack ring");
+    let mut ack = |kind, value| push_plugbus(&mut acks, control(kind, value), &mut Backoff(0), &mut || {});
     loop {
         let ctl = next_control(&seg, &mut rx);
         let bad = match ctl.kind {
@@ -444,10 +519,7 @@ fn next_control(seg: &Segment, rx: &mut record::Consumer<Rec>) -> Rec {
     let (mut polls, mut backoff) = (0u32, Backoff(0));
     loop {
         if let Some(r) = rx.try_pop().expect("data ring broken") {
-            assert_eq!(
-                r.seq, CONTROL,
-                "bench child: expected a control record, got {r:?}"
-            );
+            assert_eq!(r.seq, CONTROL, "bench child: expected a control record, got {r:?}");
             return r;
         }
         if polls < IDLE_POLLS {
@@ -468,12 +540,7 @@ fn next_control(seg: &Segment, rx: &mut record::Consumer<Rec>) -> Rec {
 fn die_with_parent(parent: u32) {
     // SAFETY: PR_SET_PDEATHSIG takes a signal number by value and touches no memory of ours.
     let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
-    assert_eq!(
-        rc,
-        0,
-        "prctl(PR_SET_PDEATHSIG): {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "prctl(PR_SET_PDEATHSIG): {}", std::io::Error::last_os_error());
     if std::os::unix::process::parent_id() != parent {
         // The parent died before the prctl took effect.
         std::process::exit(1);
@@ -504,27 +571,9 @@ fn bench_ring(c: &mut Criterion) {
         |t, n| push_plugbus_one(t, n, || {}),
         pop_plugbus::<true>,
     );
-    two_threads(
-        &mut ptx,
-        &mut prx,
-        VERIFY_N,
-        push_plugbus_batch,
-        read_plugbus::<true>,
-    );
-    two_threads(
-        &mut rtx,
-        &mut rrx,
-        VERIFY_N,
-        push_rtrb_one,
-        pop_rtrb::<true>,
-    );
-    two_threads(
-        &mut rtx,
-        &mut rrx,
-        VERIFY_N,
-        push_rtrb_batch,
-        read_rtrb::<true>,
-    );
+    two_threads(&mut ptx, &mut prx, VERIFY_N, push_plugbus_batch, read_plugbus::<true>);
+    two_threads(&mut rtx, &mut rrx, VERIFY_N, push_rtrb_one, pop_rtrb::<true>);
+    two_threads(&mut rtx, &mut rrx, VERIFY_N, push_rtrb_batch, read_rtrb::<true>);
 
     let mut g = c.benchmark_group("ring");
     g.throughput(Throughput::Elements(1))
@@ -559,15 +608,7 @@ fn bench_ring(c: &mut Criterion) {
         b.iter_custom(|n| two_threads(&mut rtx, &mut rrx, n, push_rtrb_one, pop_rtrb::<false>))
     });
     g.bench_function("plugbus/batch64", |b| {
-        b.iter_custom(|n| {
-            two_threads(
-                &mut ptx,
-                &mut prx,
-                n,
-                push_plugbus_batch,
-                read_plugbus::<false>,
-            )
-        })
+        b.iter_custom(|n| two_threads(&mut ptx, &mut prx, n, push_plugbus_batch, read_plugbus::<false>))
     });
     g.bench_function("rtrb/batch64", |b| {
         b.iter_custom(|n| two_threads(&mut rtx, &mut rrx, n, push_rtrb_batch, read_rtrb::<false>))
@@ -591,6 +632,8 @@ fn main() {
         child_main(&name);
         return;
     }
+    // Read the affinity mask before anything is pinned.
+    cpus();
     // What criterion_main! would generate.
     benches();
     Criterion::default().configure_from_args().final_summary();

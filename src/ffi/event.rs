@@ -320,15 +320,8 @@ pub unsafe extern "C" fn plugbus_event_quit(
 /// `event` is NULL or a pointer passed to `on_event`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_reply_ack(event: *mut plugbus_event) -> plugbus_status {
-    guard(|| {
-        // SAFETY: the caller's contract on `event`.
-        unsafe {
-            with_event(event, |e| {
-                e.reply = Reply::Ack;
-                Ok(PLUGBUS_OK)
-            })
-        }
-    })
+    // SAFETY: the caller's contract on `event`, passed on.
+    unsafe { set_reply(event, Reply::Ack) }
 }
 
 /// Answers the event with "cancel it" (the host drops a cancelled chat message, ...).
@@ -337,11 +330,20 @@ pub unsafe extern "C" fn plugbus_reply_ack(event: *mut plugbus_event) -> plugbus
 /// `event` is NULL or a pointer passed to `on_event`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_reply_cancel(event: *mut plugbus_event) -> plugbus_status {
+    // SAFETY: the caller's contract on `event`, passed on.
+    unsafe { set_reply(event, Reply::Cancel) }
+}
+
+/// Records `reply` as the answer to `event`.
+///
+/// # Safety
+/// `event` is NULL or a pointer passed to `on_event`.
+unsafe fn set_reply(event: *mut plugbus_event, reply: Reply) -> plugbus_status {
     guard(|| {
         // SAFETY: the caller's contract on `event`.
         unsafe {
             with_event(event, |e| {
-                e.reply = Reply::Cancel;
+                e.reply = reply.clone();
                 Ok(PLUGBUS_OK)
             })
         }

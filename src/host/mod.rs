@@ -423,6 +423,17 @@ impl Host {
             .any(|s| s.cfg.id == id && s.is_ready() && s.subscribed.contains(ty as i32))
     }
 
+    /// The tick and CLOCK_MONOTONIC time (ns, see [`crate::segment::monotonic_ns`]) at which the
+    /// last move frame for plugin `id` was published (its ring's tail store), for latency
+    /// measurements.
+    pub fn last_moves_published(&self, id: &str) -> Option<(u64, u64)> {
+        self.slots
+            .iter()
+            .find(|s| s.cfg.id == id)
+            .map(|s| s.last_moves)
+            .filter(|m| m.1 != 0)
+    }
+
     /// The hello plugin `id` sent.
     pub fn hello_of(&self, id: &str) -> Option<&proto::PluginHello> {
         self.slots

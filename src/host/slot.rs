@@ -89,6 +89,8 @@ pub(crate) struct Slot {
     pub stats: PluginStats,
     pub slow: bool,
     pub last_pid_check: Instant,
+    /// Tick and CLOCK_MONOTONIC time of the last move frame published.
+    pub last_moves: (u64, u64),
 }
 
 impl Slot {
@@ -113,6 +115,7 @@ impl Slot {
             stats: PluginStats::default(),
             slow: false,
             last_pid_check: Instant::now(),
+            last_moves: (0, 0),
         }
     }
 
@@ -288,6 +291,7 @@ impl Slot {
                 return Ok(0);
             }
             if link.try_send_moves(tick, 0, moves)? {
+                self.last_moves = (tick, crate::segment::monotonic_ns());
                 self.stats.moves_sent += moves.len() as u64;
                 self.stats.frames_sent += 1;
                 self.dirty = true;
@@ -307,6 +311,7 @@ impl Slot {
         self.conflated_buf.clear();
         self.conflated_buf.extend(self.conflated.values().copied());
         if link.try_send_moves(tick, FLAG_CONFLATED, &self.conflated_buf)? {
+            self.last_moves = (tick, crate::segment::monotonic_ns());
             self.stats.moves_sent += self.conflated_buf.len() as u64;
             self.stats.frames_sent += 1;
             self.conflated.clear();

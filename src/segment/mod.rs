@@ -328,7 +328,11 @@ impl Segment {
             e
         };
         file.set_len(size).map_err(os("ftruncate")).map_err(cleanup)?;
-        let map = MmapRaw::map_raw(&file).map_err(os("mmap")).map_err(cleanup)?;
+        let map = memmap2::MmapOptions::new()
+            .populate()
+            .map_raw(&file)
+            .map_err(os("mmap"))
+            .map_err(cleanup)?;
         let seg = Self {
             name: name.to_owned(),
             map: Arc::new(Mapping::new(map)),
@@ -441,7 +445,10 @@ impl Segment {
                 actual,
             });
         }
-        let map = MmapRaw::map_raw(&file).map_err(os("mmap"))?;
+        let map = memmap2::MmapOptions::new()
+            .populate()
+            .map_raw(&file)
+            .map_err(os("mmap"))?;
         let mut seg = Self {
             name: name.to_owned(),
             map: Arc::new(Mapping::new(map)),

@@ -54,6 +54,8 @@ pub struct Comparison {
     pub workload: String,
     pub machine: String,
     pub seconds_per_phase: f64,
+    /// The plugbus plugin's wait strategy (the baseline plugin blocks in `read`).
+    pub plugbus_wait: String,
     pub plugbus: Side,
     pub baseline: Side,
     /// plugbus events/s over baseline events/s.
@@ -90,11 +92,11 @@ struct Plugbus {
 }
 
 impl Plugbus {
-    fn start(dir: &Path, record: &str, phase: &str) -> Result<Self, String> {
+    fn start(dir: &Path, record: &str, phase: &str, wait: &str) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let report = dir.join(format!("plugbus-{phase}.json"));
         let cfg = PluginConfig::launch("compare", exe)
-            .args(["plugin", "load"])
+            .args(["plugin", "load", "--wait", wait])
             .env("PLUGBUS_REPORT", &report.display().to_string())
             .env("PLUGBUS_RECORD", record)
             .required(true);
@@ -280,10 +282,10 @@ fn delivered(r: &PluginReport) -> u64 {
     r.counts.values().sum::<u64>() + r.moves
 }
 
-fn side(which: &str, seconds: f64, dir: &Path) -> Result<Side, String> {
+fn side(which: &str, seconds: f64, dir: &Path, wait: &str) -> Result<Side, String> {
     let make = |record: &str, phase: &str| -> Result<Box<dyn Transport>, String> {
         Ok(match which {
-            "plugbus" => Box::new(Plugbus::start(dir, record, phase)?),
+            "plugbus" => Box::new(Plugbus::start(dir, record, phase, wait)?),
             _ => Box::new(Baseline::start(dir, record, phase)?),
         })
     };
@@ -320,22 +322,24 @@ fn side(which: &str, seconds: f64, dir: &Path) -> Result<Side, String> {
 }
 
 /// `plugbus compare`.
-pub fn run(seconds: f64, json: Option<&Path>) -> Result<Comparison, String> {
+pub fn run(seconds: f64, wait: &str, json: Option<&Path>) -> Result<Comparison, String> {
+    let _: plugbus::plugin::WaitStrategy = wait.parse()?;
     crate::on_ctrl_c();
     let dir = std::env::temp_dir().join(format!("plugbus-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let per_phase = (seconds / 2.0).max(0.5);
     println!(
-        "plugbus compare: {PLAYERS} players at {TPS} ticks/s, {per_phase:.1} s latency + {per_phase:.1} s throughput per transport ({})",
+        "plugbus compare: {PLAYERS} players at {TPS} ticks/s, {per_phase:.1} s latency + {per_phase:.1} s throughput per transport, plugbus plugin wait {wait} ({})",
         crate::machine()
     );
-    let plugbus = side("plugbus", per_phase, &dir)?;
-    let baseline = side("baseline", per_phase, &dir)?;
+    let plugbus = side("plugbus", per_phase, &dir, wait)?;
+    let baseline = side("baseline", per_phase, &dir, wait)?;
     let _ = std::fs::remove_dir_all(&dir);
     let c = Comparison {
         workload: format!("{PLAYERS} players x {TPS} tps, 1 plugin subscribed to everything"),
         machine: crate::machine(),
         seconds_per_phase: per_phase,
+        plugbus_wait: wait.to_owned(),
         throughput_ratio: plugbus.events_per_s / baseline.events_per_s.max(1e-9),
         p99_ratio: baseline.p99_ns as f64 / plugbus.p99_ns.max(1) as f64,
         plugbus,

@@ -102,6 +102,7 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
         reports: false,
         metrics,
         seed: 7,
+        busy_pacing: false,
     };
     println!(
         "plugbus demo: {} players at {} ticks/s for {} s, plugins chat_filter and move_counter ({})",

@@ -29,6 +29,8 @@ pub struct LoadSpec {
     pub reports: bool,
     pub metrics: Option<Arc<Mutex<MetricsSnapshot>>>,
     pub seed: u64,
+    /// Spin between ticks instead of sleeping (a tick thread that never idles).
+    pub busy_pacing: bool,
 }
 
 /// Percentiles of a latency histogram.
@@ -61,6 +63,8 @@ pub struct LoadReport {
     pub plugins: usize,
     pub seconds: f64,
     pub wait: String,
+    /// Whether the tick thread spun between ticks instead of sleeping.
+    pub busy_pacing: bool,
     pub pinned: Option<Pinning>,
     pub machine: String,
     /// Events offered by the server (moves count one per player per tick).
@@ -76,8 +80,11 @@ pub struct LoadReport {
     pub critical_out_of_order: u64,
     /// The host's plugbus work per tick (publish, dispatch, end_tick), ns.
     pub host_tick_ns: Pcts,
-    /// Tick publish (end of tick) to the plugin's handler seeing the move frame, ns.
+    /// A move frame's publish (its ring tail store) to the plugin's handler seeing it, ns.
     pub publish_to_observe_ns: Pcts,
+    /// The start of `end_tick` (which copies the staged moves into each plugin's ring) to the
+    /// plugin's handler seeing the frame, ns: includes the copy.
+    pub end_tick_to_observe_ns: Pcts,
     /// Publish of a critical event to the plugin's handler seeing it, ns.
     pub publish_to_observe_events_ns: Pcts,
     /// Dispatch of an event expecting a response to the merged outcome, ns.
@@ -102,6 +109,7 @@ pub struct LoadReport {
 #[derive(Debug, Clone, Default)]
 pub struct Samples {
     pub observe: Hist,
+    pub observe_from_end_tick: Hist,
     pub observe_events: Hist,
     pub rtt: Hist,
     pub tick: Hist,
@@ -145,7 +153,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let frame = (spec.players as u64 * 48 + 64).max(1);
     let rings = RingSizes {
-        moves: pow2_at_least(frame * 8).max(4 << 20),
+        moves: pow2_at_least(frame * 8).max(1 << 16),
         ..RingSizes::default()
     };
     let mut plugin_cpus = Vec::new();
@@ -197,6 +205,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
         tps: spec.tps,
         plugins: spec.plugins.len(),
         seconds: spec.seconds,
+        busy_pacing: spec.busy_pacing,
         pinned: spec.pin.then(|| Pinning {
             host_cpu: 0,
             plugin_cpus: plugin_cpus.clone(),
@@ -206,6 +215,8 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     };
     // Publish times: per tick (moves), per critical event id.
     let mut tick_pub: Vec<(u64, u64)> = Vec::with_capacity(total_ticks as usize);
+    // Per plugin: tick -> when its move frame was published.
+    let mut frame_pub: Vec<HashMap<u64, u64>> = ids.iter().map(|_| HashMap::new()).collect();
     let mut event_pub: HashMap<u64, u64> = HashMap::new();
     let mut critical_offered = 0u64;
     let mut offered_moves = 0u64;
@@ -257,6 +268,13 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
         let cost = started.elapsed();
         let allocs = alloc_count() - allocs_before;
         tick_pub.push((tick_no, published));
+        for (i, id) in ids.iter().enumerate() {
+            if let Some((t, at)) = host.last_moves_published(id) {
+                if t == tick_no {
+                    frame_pub[i].insert(t, at);
+                }
+            }
+        }
         critical_offered +=
             out.requests.len() as u64 + out.events.iter().filter(|e| is_critical(e.r#type)).count() as u64;
         offered_moves += moves.len() as u64;
@@ -313,7 +331,13 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
             report.tick_overruns += 1;
             next = now + tick_len;
         } else {
-            sleep_until(next);
+            if spec.busy_pacing {
+                while Instant::now() < next {
+                    std::hint::spin_loop();
+                }
+            } else {
+                sleep_until(next);
+            }
             next += tick_len;
         }
     }
@@ -353,7 +377,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
         let tick_times: HashMap<u64, u64> = tick_pub.iter().copied().collect();
         let first_steady_tick = tick_pub.get(warmup_ticks as usize).map_or(u64::MAX, |t| t.0);
         let mut delivered_moves = 0;
-        for id in &ids {
+        for (i, id) in ids.iter().enumerate() {
             let path = dir.join(format!("{id}.json"));
             let r = PluginReport::read(&path).map_err(|e| format!("plugin {id}: {e}"))?;
             delivered_moves += r.moves;
@@ -365,6 +389,9 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
             for [tick, seen, _] in &r.move_frames {
                 if *tick >= first_steady_tick {
                     if let Some(p) = tick_times.get(tick) {
+                        report.samples.observe_from_end_tick.record(seen.saturating_sub(*p));
+                    }
+                    if let Some(p) = frame_pub[i].get(tick) {
                         report.samples.observe.record(seen.saturating_sub(*p));
                     }
                 }
@@ -392,6 +419,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     let _ = std::fs::remove_dir(&dir);
     report.host_tick_ns = Pcts::of(&report.samples.tick);
     report.publish_to_observe_ns = Pcts::of(&report.samples.observe);
+    report.end_tick_to_observe_ns = Pcts::of(&report.samples.observe_from_end_tick);
     report.publish_to_observe_events_ns = Pcts::of(&report.samples.observe_events);
     report.reply_rtt_ns = Pcts::of(&report.samples.rtt);
     Ok((report, host))
@@ -417,7 +445,7 @@ pub fn print(r: &LoadReport) {
     let us = |ns: u64| format!("{:.2} µs", ns as f64 / 1000.0);
     println!();
     println!(
-        "plugbus load test: {} players x {} tps x {} plugins, {:.1} s ({} ticks, {} overruns), wait={}{}",
+        "plugbus load test: {} players x {} tps x {} plugins, {:.1} s ({} ticks, {} overruns), wait={}{}{}",
         r.players,
         r.tps,
         r.plugins,
@@ -425,6 +453,7 @@ pub fn print(r: &LoadReport) {
         r.ticks,
         r.tick_overruns,
         r.wait,
+        if r.busy_pacing { ", busy pacing" } else { "" },
         r.pinned.as_ref().map_or(String::new(), |p| format!(
             ", pinned host cpu {} plugins {:?}",
             p.host_cpu, p.plugin_cpus
@@ -450,6 +479,12 @@ pub fn print(r: &LoadReport) {
         us(r.publish_to_observe_ns.p50),
         us(r.publish_to_observe_ns.p99),
         us(r.publish_to_observe_ns.p999)
+    );
+    println!(
+        "  end_tick -> observe moves p50 {}  p99 {}  p99.9 {}",
+        us(r.end_tick_to_observe_ns.p50),
+        us(r.end_tick_to_observe_ns.p99),
+        us(r.end_tick_to_observe_ns.p999)
     );
     println!(
         "  publish -> observe events p50 {}  p99 {}  p99.9 {}",

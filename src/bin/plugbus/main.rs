@@ -162,6 +162,10 @@ struct LoadArgs {
     /// Serve Prometheus metrics at this address (e.g. 127.0.0.1:9464).
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// Spin between ticks instead of sleeping: the tick thread never idles, so its caches stay
+    /// warm (what a busy server's tick thread looks like). Default: sleep.
+    #[arg(long)]
+    busy_pacing: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -169,6 +173,10 @@ struct CompareArgs {
     /// Seconds per transport.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// The plugbus plugin's wait strategy: spin, park, spin-then-park (the baseline's plugin
+    /// blocks in read, as a gRPC stream reader does).
+    #[arg(long, default_value = "spin-then-park")]
+    wait: String,
     /// Write the comparison as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -201,7 +209,7 @@ fn main() {
         }
         Some(Cmd::Compare(args)) => {
             init_logging("warn");
-            compare::run(args.seconds, args.json.as_deref()).map(|_| ())
+            compare::run(args.seconds, &args.wait, args.json.as_deref()).map(|_| ())
         }
         Some(Cmd::Inspect) => inspect::inspect(),
         Some(Cmd::Cleanup) => inspect::cleanup(),
@@ -274,6 +282,7 @@ fn loadtest_cmd(a: &LoadArgs) -> Result<(), String> {
         reports: true,
         metrics,
         seed: 42,
+        busy_pacing: a.busy_pacing,
     };
     let pb = demo::progress_bar(spec.seconds, spec.tps);
     let (mut report, _host) = loadtest::run(&spec, |p| demo::show_progress(&pb, p))?;

@@ -26,6 +26,11 @@ pub fn latency(r: &LoadReport, path: &Path) -> Result<(), String> {
     let series = [
         ("publish -> observe (moves)", cdf(&r.samples.observe), BLUE),
         (
+            "end_tick -> observe (moves)",
+            cdf(&r.samples.observe_from_end_tick),
+            CYAN,
+        ),
+        (
             "publish -> observe (critical events)",
             cdf(&r.samples.observe_events),
             GREEN,

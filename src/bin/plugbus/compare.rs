@@ -260,7 +260,7 @@ fn phase(
     let mut offered = 0;
     let mut cpu = 0;
     let mut tick = 0u64;
-    while started.elapsed().as_secs_f64() < seconds && !crate::STOP.load(plugbus::sync::Ordering::Relaxed) {
+    while started.elapsed().as_secs_f64() < seconds && !crate::stopping() {
         let out = &mut ticks[tick as usize % ticks.len()];
         tick += 1;
         let cpu0 = thread_cpu_ns();

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::load_plugin::PluginReport;
 use crate::sim::{TickOutput, World, is_critical};
-use crate::{STOP, alloc_count};
+use crate::{alloc_count, stopping};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -232,7 +232,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     let mut window_started = Instant::now();
     let mut last_metrics = Instant::now();
     for t in 0..total_ticks {
-        if STOP.load(plugbus::sync::Ordering::Relaxed) {
+        if stopping() {
             break;
         }
         let steady = t >= warmup_ticks;

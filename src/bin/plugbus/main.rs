@@ -23,10 +23,10 @@ mod move_counter;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use clap::{Parser, Subcommand};
 use plugbus::plugin::WaitStrategy;
-use plugbus::sync::AtomicBool;
 
 /// Counts heap allocations per thread, so the load test can report the tick thread's
 /// allocations per event. One thread-local increment per allocation.
@@ -69,7 +69,14 @@ pub fn alloc_count() -> u64 {
 }
 
 /// Set by Ctrl-C: the running command stops cleanly (plugins shut down, segments removed).
-pub static STOP: AtomicBool = AtomicBool::new(false);
+/// A mutex rather than an atomic: its constructor is `const` in every build, including the
+/// `cfg(loom)` one where plugbus's atomics are loom's.
+static STOP: Mutex<bool> = Mutex::new(false);
+
+/// Whether Ctrl-C was pressed.
+pub fn stopping() -> bool {
+    *STOP.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Pins the calling thread to one CPU (best effort; reported, never fatal).
 pub fn pin_current_thread(cpu: usize) {
@@ -246,7 +253,8 @@ fn run_plugin(name: &str, args: Vec<String>) -> Result<(), String> {
 /// Installs the Ctrl-C handler (once).
 pub fn on_ctrl_c() {
     let _ = ctrlc::set_handler(|| {
-        if STOP.swap(true, plugbus::sync::Ordering::Relaxed) {
+        let already = std::mem::replace(&mut *STOP.lock().unwrap_or_else(|p| p.into_inner()), true);
+        if already {
             // Second Ctrl-C: give up waiting.
             std::process::exit(130);
         }

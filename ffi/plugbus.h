@@ -146,6 +146,10 @@
 // Wait strategy: sleep on the doorbell at once (near-zero idle CPU).
 #define PLUGBUS_WAIT_PARK 2
 
+// Wait strategy: spin-then-park that learns the host's tick rate and is awake 200 µs before
+// each tick, so the host's tick thread pays no wake-up (about 2% of a core at 50 ticks/s).
+#define PLUGBUS_WAIT_PACED 3
+
 // One event, opaque to C. Valid only during the `on_event` callback it was passed to: its
 // accessors and reply helpers return `PLUGBUS_ERR_BAD_STATE` after that.
 typedef struct plugbus_event plugbus_event;
@@ -264,12 +268,13 @@ plugbus_status plugbus_register_command(struct plugbus_plugin *p,
 plugbus_status plugbus_subscribe(struct plugbus_plugin *p, const int32_t *types, size_t n);
 
 // Sets how `plugbus_poll` waits when nothing has arrived: `PLUGBUS_WAIT_SPIN`,
-// `PLUGBUS_WAIT_SPIN_THEN_PARK` (default) or `PLUGBUS_WAIT_PARK`. Allowed at any time; it
+// `PLUGBUS_WAIT_SPIN_THEN_PARK` (default), `PLUGBUS_WAIT_PARK` or `PLUGBUS_WAIT_PACED`. Allowed at any time; it
 // applies from the next wait.
 //
 // # Safety
 // `p` is NULL or a handle from `plugbus_open*`.
-plugbus_status plugbus_set_wait(struct plugbus_plugin *p, int32_t strategy);
+plugbus_status plugbus_set_wait(struct plugbus_plugin *p,
+                                int32_t strategy);
 
 // Sets how long `plugbus_connect` waits for the host's hello (default 5000 ms; 1 to 3600000).
 // `PLUGBUS_ERR_BAD_STATE` once connected.

@@ -261,7 +261,12 @@ fn bad_arguments_and_lengths_are_errors() {
             PLUGBUS_ERR_INVALID_ARGUMENT,
             "unknown wait strategy 7",
         );
-        for w in [PLUGBUS_WAIT_SPIN, PLUGBUS_WAIT_SPIN_THEN_PARK, PLUGBUS_WAIT_PARK] {
+        for w in [
+            PLUGBUS_WAIT_SPIN,
+            PLUGBUS_WAIT_SPIN_THEN_PARK,
+            PLUGBUS_WAIT_PARK,
+            PLUGBUS_WAIT_PACED,
+        ] {
             expect(plugbus_set_wait(p, w), PLUGBUS_OK, "");
         }
         expect(plugbus_set_hello_timeout(p, 0), PLUGBUS_ERR_INVALID_ARGUMENT, "outside");

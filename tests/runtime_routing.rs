@@ -1,7 +1,8 @@
 //! Routing through the host runtime, with real plugin processes (this test binary re-executed
 //! as `common::plugin_child`, see `tests/common/mod.rs`): subscription filtering, the merge rule
 //! for answers, the response deadline, the order of critical events under load, the
-//! conflation of moves for a lagging plugin, and the overflow disconnect.
+//! conflation of moves for a lagging plugin, the overflow disconnect, and a paced plugin at a
+//! steady tick rate.
 
 mod common;
 
@@ -452,4 +453,71 @@ fn a_plugin_that_never_reads_is_disconnected_with_its_count() {
     tick.end();
     assert_eq!(host.metrics().host.filtered, filtered + 1);
     assert!(host.pid_of("stuck").is_none(), "the process was stopped");
+}
+
+#[test]
+fn a_paced_plugin_misses_nothing_at_a_steady_tick_rate() {
+    // A paced plugin sleeps on timers of its own between ticks and spins through their arrival;
+    // whether its timers are on time or not, nothing may be lost, reordered or left unanswered.
+    init_logging();
+    let dir = Scratch::new("paced");
+    let report = dir.file("paced.txt");
+    let mut host = Host::start(config(vec![
+        child_plugin("paced", "handler", &report)
+            .env(SUBSCRIBE, "EVENT_TYPE_ALL")
+            .env(WAIT, "paced")
+            .env(RECORD_MOVES, "1")
+            .env(RULES, "rewrite=>mutate:rewritten")
+            .required(true),
+    ]))
+    .expect("host starts");
+    wait_started(&mut host, &[&report]);
+
+    const TICKS: u64 = 100;
+    let period = Duration::from_millis(20);
+    let mut next = Instant::now();
+    let mut ticks = Vec::new();
+    let mut jumps = 0;
+    for t in 0..TICKS {
+        next += period;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        let moves = moves_for_tick(t, 10, |_| true);
+        let mut tick = host.begin_tick();
+        ticks.push(tick.number());
+        tick.publish_moves(&moves);
+        tick.publish(&mut jump(&format!("j{t}")));
+        jumps += 1;
+        let pending = (t % 10 == 9).then(|| tick.dispatch(&mut chat(&format!("c{t}"), "rewrite me")));
+        tick.end();
+        if let Some(p) = pending {
+            let o = host.wait(&p, Instant::now() + STALL);
+            assert!(o.late.is_empty(), "answered in time: {o:?}");
+            assert_eq!(o.mutation, chat_update("rewritten"), "tick {t}");
+        }
+        host.poll();
+    }
+    let chats = TICKS / 10;
+    wait_delivered(&mut host, "paced", jumps + chats, TICKS * 10);
+    let wakeups = host.metrics().plugins["paced"].wakeups;
+    host.shutdown("done");
+    eprintln!("paced plugin: {wakeups} futex wake-ups from the host over {TICKS} ticks");
+
+    let lines = read_lines(&report);
+    let frames = move_frames_of(&lines);
+    assert_eq!(
+        frames,
+        ticks.iter().map(|&t| (t, 10)).collect::<Vec<_>>(),
+        "one frame of 10 moves per tick, in order"
+    );
+    let seen: Vec<String> = events_of(&lines).into_iter().map(|(_, tag)| tag).collect();
+    let expected: Vec<String> = (0..TICKS)
+        .flat_map(|t| {
+            let mut v = vec![format!("j{t}")];
+            if t % 10 == 9 {
+                v.push(format!("c{t}"));
+            }
+            v
+        })
+        .collect();
+    assert_eq!(seen, expected, "every event once, in order");
 }

@@ -8,12 +8,12 @@ use prost::Message as _;
 
 use super::event::{EventFrame, plugbus_event};
 use super::{
-    Error, PLUGBUS_ERR_CLOSED, PLUGBUS_ERR_HOST_DIED, PLUGBUS_OK, PLUGBUS_SHUTDOWN, PLUGBUS_WAIT_PARK,
-    PLUGBUS_WAIT_SPIN, PLUGBUS_WAIT_SPIN_THEN_PARK, arg_bytes, arg_cstr, arg_str, closed_error, guard, is_known,
-    plugbus_callbacks, plugbus_status, plugbus_str, register,
+    Error, PLUGBUS_ERR_CLOSED, PLUGBUS_ERR_HOST_DIED, PLUGBUS_OK, PLUGBUS_SHUTDOWN, PLUGBUS_WAIT_PACED,
+    PLUGBUS_WAIT_PARK, PLUGBUS_WAIT_SPIN, PLUGBUS_WAIT_SPIN_THEN_PARK, arg_bytes, arg_cstr, arg_str, closed_error,
+    guard, is_known, plugbus_callbacks, plugbus_status, plugbus_str, register,
 };
 use crate::fastpath::MoveRecord;
-use crate::plugin::{Context, Handler, Plugin, PluginBuilder, Reply, WaitStrategy};
+use crate::plugin::{Context, Handler, IdleStep, Plugin, PluginBuilder, Reply, WaitStrategy};
 use crate::proto::{
     self, ActionResult, CommandSpec, EventEnvelope, EventType, LogMessage, PluginToHost, action, plugin_to_host,
 };
@@ -382,7 +382,7 @@ pub unsafe extern "C" fn plugbus_subscribe(p: *mut plugbus_plugin, types: *const
 }
 
 /// Sets how `plugbus_poll` waits when nothing has arrived: `PLUGBUS_WAIT_SPIN`,
-/// `PLUGBUS_WAIT_SPIN_THEN_PARK` (default) or `PLUGBUS_WAIT_PARK`. Allowed at any time; it
+/// `PLUGBUS_WAIT_SPIN_THEN_PARK` (default), `PLUGBUS_WAIT_PARK` or `PLUGBUS_WAIT_PACED`. Allowed at any time; it
 /// applies from the next wait.
 ///
 /// # Safety
@@ -396,6 +396,7 @@ pub unsafe extern "C" fn plugbus_set_wait(p: *mut plugbus_plugin, strategy: i32)
             PLUGBUS_WAIT_SPIN => WaitStrategy::Spin,
             PLUGBUS_WAIT_SPIN_THEN_PARK => WaitStrategy::default(),
             PLUGBUS_WAIT_PARK => WaitStrategy::Park,
+            PLUGBUS_WAIT_PACED => WaitStrategy::PACED,
             _ => return Err(Error::invalid(format!("unknown wait strategy {strategy}"))),
         };
         h.wait.set(w);
@@ -615,11 +616,9 @@ fn poll(
         }
         let now = Instant::now();
         let expired = deadline.is_some_and(|d| now >= d);
-        let park = match wait {
-            WaitStrategy::Spin => false,
-            WaitStrategy::SpinThenPark(spin) => now.duration_since(started) >= spin,
-            WaitStrategy::Park => true,
-        };
+        let left = deadline.map_or(HEALTH_EVERY, |d| d.saturating_duration_since(now).min(HEALTH_EVERY));
+        let step = c.plugin.idle_step(wait, started, now, left);
+        let park = matches!(step, IdleStep::Park(_));
         // Host liveness: before sleeping, before returning idle, and every 100 ms when spinning.
         if park || expired || now.duration_since(c.last_health) >= HEALTH_EVERY {
             c.last_health = now;
@@ -641,11 +640,13 @@ fn poll(
         if expired {
             return Ok(PLUGBUS_OK);
         }
-        if park {
-            let left = deadline.map_or(HEALTH_EVERY, |d| d.saturating_duration_since(now).min(HEALTH_EVERY));
-            c.plugin.link().park(left).map_err(crate::plugin::PluginError::from)?;
-        } else {
-            crate::sync::spin_loop();
+        match step {
+            IdleStep::Park(t) => {
+                let asked = Instant::now();
+                c.plugin.link().park(t).map_err(crate::plugin::PluginError::from)?;
+                c.plugin.note_park(t, asked);
+            }
+            IdleStep::Spin => crate::sync::spin_loop(),
         }
     }
 }

@@ -200,6 +200,10 @@ struct PendingEvent {
     completed: Option<Instant>,
 }
 
+/// How long [`Host::wait`] polls for answers before sleeping on a plugin's doorbell: an awake
+/// plugin answers within a few microseconds; a longer spin would take a core from the plugins.
+pub const WAIT_SPIN: Duration = Duration::from_micros(20);
+
 /// The host runtime. Drive it from the game's tick thread.
 pub struct Host {
     settings: HostSettings,
@@ -1033,18 +1037,39 @@ impl Host {
 
     /// Waits for `pending` until it completes or `deadline`; at the deadline, plugins that did
     /// not answer count as "no change" and as late.
+    ///
+    /// It polls for [`WAIT_SPIN`], then sleeps on the doorbell of a plugin that has not answered
+    /// yet (its answer wakes the host), at most 1 ms at a time so that deaths and the deadline
+    /// are seen.
     pub fn wait(&mut self, pending: &Pending, deadline: Instant) -> Outcome {
-        let backoff = crossbeam_utils::Backoff::new();
+        let started = Instant::now();
         loop {
             self.poll();
             let now = Instant::now();
             if let Some(o) = self.try_finish(pending.id, now, now >= deadline) {
                 return o;
             }
-            if backoff.is_completed() {
-                std::thread::sleep(Duration::from_micros(50));
-            } else {
-                backoff.snooze();
+            if now.duration_since(started) < WAIT_SPIN {
+                crate::sync::spin_loop();
+                continue;
+            }
+            let timeout_at = self.pending.get(&pending.id).map_or(deadline, |p| p.timeout_at);
+            let nap = deadline
+                .min(timeout_at)
+                .saturating_duration_since(now)
+                .clamp(Duration::from_micros(1), Duration::from_millis(1));
+            let slot = self.pending.get(&pending.id).and_then(|p| {
+                p.targets
+                    .iter()
+                    .find(|t| t.result.is_none() && self.slots[t.slot].is_ready())
+                    .map(|t| t.slot)
+            });
+            match slot.and_then(|i| self.slots[i].link.as_mut()) {
+                Some(link) => {
+                    // An error here (a broken link) is found and handled by the next poll.
+                    let _ = link.park(nap);
+                }
+                None => std::thread::sleep(nap),
             }
         }
     }

@@ -104,6 +104,9 @@ pub trait HostLink: Send {
     fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, LinkError>;
     /// Wakes the plugin if it sleeps; returns whether a wake-up was sent.
     fn wake(&mut self) -> bool;
+    /// Sleeps until the plugin sends something, `timeout` passes, or spuriously (for a host
+    /// waiting on answers; the plugin's send wakes it).
+    fn park(&mut self, timeout: std::time::Duration) -> Result<(), LinkError>;
     /// Publishes the host's heartbeat.
     fn heartbeat(&mut self);
     /// The plugin's heartbeat and pid.

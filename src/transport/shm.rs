@@ -185,6 +185,19 @@ impl HostLink for ShmHostLink {
         self.segment.header().to_attacher.ring()
     }
 
+    fn park(&mut self, timeout: Duration) -> Result<(), LinkError> {
+        // The doorbell protocol (ring/doorbell.rs), host side: announce, re-check, sleep. The
+        // plugin rings `to_creator` after every send (`wake_host`).
+        let bell = &self.segment.header().to_creator;
+        bell.prepare_sleep();
+        if !self.replies.is_empty()? {
+            bell.cancel_sleep();
+            return Ok(());
+        }
+        bell.sleep(Some(timeout));
+        Ok(())
+    }
+
     fn heartbeat(&mut self) {
         self.segment.beat();
     }

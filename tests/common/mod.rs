@@ -64,6 +64,8 @@ pub const MOVE_SLEEP_MS: &str = "TEST_PLUGIN_MOVE_SLEEP_MS";
 pub const FIRST_EVENT_SLEEP_MS: &str = "TEST_PLUGIN_FIRST_EVENT_SLEEP_MS";
 /// Set to record move frames (`mv` lines) and last positions (`pos` lines).
 pub const RECORD_MOVES: &str = "TEST_PLUGIN_RECORD_MOVES";
+/// The wait strategy (`spin`, `park`, `spin-then-park`, `paced`; default: the library's).
+pub const WAIT: &str = "TEST_PLUGIN_WAIT";
 /// The api_version to claim (default: the real one).
 pub const API_VERSION: &str = "TEST_PLUGIN_API_VERSION";
 /// A command to register; on that command the plugin sends a chat action `pong` back to the
@@ -145,6 +147,9 @@ fn builder() -> Result<PluginBuilder, PluginError> {
     let mut b = Plugin::from_env()?.name(CHILD_NAME).version(CHILD_VERSION);
     if let Ok(v) = std::env::var(API_VERSION) {
         b = b.api_version(&v);
+    }
+    if let Ok(w) = std::env::var(WAIT) {
+        b = b.wait(w.parse().expect("a wait strategy"));
     }
     if let Ok(name) = std::env::var(COMMAND) {
         b = b.command(CommandSpec {

@@ -100,6 +100,9 @@ pub struct LoadReport {
     pub ticks: u64,
     pub tick_overruns: u64,
     pub disconnects: u64,
+    /// Futex wake-ups the host sent to sleeping plugins (whole run, summed over plugins): the
+    /// part of the tick's cost that a plugin's wait strategy decides.
+    pub doorbell_wakeups: u64,
     /// Raw samples for plots (not serialized).
     #[serde(skip)]
     pub samples: Samples,
@@ -357,6 +360,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     let metrics = host.metrics();
     host.shutdown("load test finished");
     report.moves_conflated = metrics.plugins.values().map(|p| p.moves_conflated).sum();
+    report.doorbell_wakeups = metrics.plugins.values().map(|p| p.wakeups).sum();
     report.host_allocs_per_event = if steady_offered > 0 {
         steady_allocs as f64 / steady_offered as f64
     } else {
@@ -467,6 +471,11 @@ pub fn print(r: &LoadReport) {
     );
     println!("  moves conflated           {}", r.moves_conflated);
     println!("  critical lost             {}", r.critical_lost);
+    println!(
+        "  doorbell wake-ups         {} ({:.2} per plugin per tick)",
+        r.doorbell_wakeups,
+        r.doorbell_wakeups as f64 / (r.ticks.max(1) * r.plugins.max(1) as u64) as f64
+    );
     println!("  critical out of order     {}", r.critical_out_of_order);
     println!(
         "  host cost per tick        p50 {}  p99 {}  max {}",

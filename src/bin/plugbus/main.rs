@@ -154,7 +154,7 @@ struct LoadArgs {
     /// Duration in seconds (the first second is warm-up, left out of the figures).
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
-    /// Plugin wait strategy: spin, park, spin-then-park.
+    /// Plugin wait strategy: spin, park, spin-then-park, paced.
     #[arg(long, default_value = "spin-then-park")]
     wait: String,
     /// Write the report as JSON.
@@ -180,7 +180,7 @@ struct CompareArgs {
     /// Seconds per transport.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// The plugbus plugin's wait strategy: spin, park, spin-then-park (the baseline's plugin
+    /// The plugbus plugin's wait strategy: spin, park, spin-then-park, paced (the baseline's plugin
     /// blocks in read, as a gRPC stream reader does).
     #[arg(long, default_value = "spin-then-park")]
     wait: String,

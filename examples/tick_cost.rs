@@ -1,7 +1,7 @@
 //! What one tick costs the host, and why: `cargo run --release --example tick_cost`.
 //!
-//! Launches N plugins (this same binary; `N=2` by default) with wait strategy `W` (`spin` or
-//! `park`; default `park`), then runs 300 ticks of 100 moves (plus, with the argument `events`,
+//! Launches N plugins (this same binary; `N=2` by default) with wait strategy `W` (`spin`,
+//! `park`, `spin-then-park` or `paced`; default `park`), then runs 300 ticks of 100 moves (plus, with the argument `events`,
 //! two batched jumps and one immediate chat per tick) at three spacings: back to back, 1 ms and
 //! 20 ms apart, the tick thread spinning in between. It prints the host's time in
 //! `begin_tick`..`end` (p50 / p99), split into the publish calls and `end_tick`.

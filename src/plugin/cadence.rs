@@ -11,7 +11,11 @@
 //! keeps a smoothed period once [`STABLE_AFTER`] intervals in a row agree with it; an interval
 //! that is a small multiple of the period (a tick that sent this plugin nothing) still agrees.
 //! Anything else (the server changed its rate, paused, or never had one) resets it, and the
-//! plugin falls back to plain parking until the rhythm is back.
+//! plugin falls back to plain parking until the rhythm is back. So does a burst off the beat,
+//! such as the answer to one of the plugin's own queries: relearning takes six ticks, and a
+//! plugin that gets answers between ticks all the time gains little from pacing. (Judging bursts
+//! against the learned phase instead would tolerate those, but a grid of 20 ms also matches
+//! every other tick of a 30 ms server, and would never let go of the old rate.)
 
 use std::time::{Duration, Instant};
 

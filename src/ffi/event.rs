@@ -339,11 +339,11 @@ pub unsafe extern "C" fn plugbus_reply_cancel(event: *mut plugbus_event) -> plug
 /// # Safety
 /// `event` is NULL or a pointer passed to `on_event`.
 unsafe fn set_reply(event: *mut plugbus_event, reply: Reply) -> plugbus_status {
-    guard(|| {
+    guard(move || {
         // SAFETY: the caller's contract on `event`.
         unsafe {
-            with_event(event, |e| {
-                e.reply = reply.clone();
+            with_event(event, move |e| {
+                e.reply = reply;
                 Ok(PLUGBUS_OK)
             })
         }

@@ -1053,17 +1053,21 @@ impl Host {
                 crate::sync::spin_loop();
                 continue;
             }
-            let timeout_at = self.pending.get(&pending.id).map_or(deadline, |p| p.timeout_at);
-            let nap = deadline
-                .min(timeout_at)
+            // The earlier of the caller's deadline and the response timeout, and a plugin that
+            // has not answered yet.
+            let (wake_at, slot) = match self.pending.get(&pending.id) {
+                Some(p) => (
+                    deadline.min(p.timeout_at),
+                    p.targets
+                        .iter()
+                        .find(|t| t.result.is_none() && self.slots[t.slot].is_ready())
+                        .map(|t| t.slot),
+                ),
+                None => (deadline, None),
+            };
+            let nap = wake_at
                 .saturating_duration_since(now)
                 .clamp(Duration::from_micros(1), Duration::from_millis(1));
-            let slot = self.pending.get(&pending.id).and_then(|p| {
-                p.targets
-                    .iter()
-                    .find(|t| t.result.is_none() && self.slots[t.slot].is_ready())
-                    .map(|t| t.slot)
-            });
             match slot.and_then(|i| self.slots[i].link.as_mut()) {
                 Some(link) => {
                     // An error here (a broken link) is found and handled by the next poll.

@@ -264,6 +264,12 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Maps a segment's file shared, with every page faulted in now (`MAP_POPULATE`): the creator
+/// and the attacher both map this way, so neither pays page faults on its first ticks.
+fn map_segment(file: &File) -> std::io::Result<MmapRaw> {
+    memmap2::MmapOptions::new().populate().map_raw(file)
+}
+
 impl Segment {
     /// Creates segment `name` with the given rings. The returned segment unlinks the name on
     /// drop.
@@ -328,11 +334,7 @@ impl Segment {
             e
         };
         file.set_len(size).map_err(os("ftruncate")).map_err(cleanup)?;
-        let map = memmap2::MmapOptions::new()
-            .populate()
-            .map_raw(&file)
-            .map_err(os("mmap"))
-            .map_err(cleanup)?;
+        let map = map_segment(&file).map_err(os("mmap")).map_err(cleanup)?;
         let seg = Self {
             name: name.to_owned(),
             map: Arc::new(Mapping::new(map)),
@@ -445,10 +447,7 @@ impl Segment {
                 actual,
             });
         }
-        let map = memmap2::MmapOptions::new()
-            .populate()
-            .map_raw(&file)
-            .map_err(os("mmap"))?;
+        let map = map_segment(&file).map_err(os("mmap"))?;
         let mut seg = Self {
             name: name.to_owned(),
             map: Arc::new(Mapping::new(map)),

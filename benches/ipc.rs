@@ -99,6 +99,12 @@ use plugbus::proto::{
 };
 use prost::Message as _;
 
+mod common;
+#[path = "../src/bin/plugbus/wire.rs"]
+mod wire;
+use common::{Backoff, die_with_parent};
+use wire::read_message;
+
 /// Players per tick in the `moves` payload.
 const PLAYERS: usize = 100;
 /// In `stream`, the plugin acknowledges every this many items.
@@ -120,11 +126,6 @@ const SOCKET_ENV: &str = "PLUGBUS_BENCH_SOCKET";
 /// The plugbus plugin id.
 const PLUGIN_ID: &str = "ipc-bench";
 
-/// A waiting loop yields its core every this many turns (a power of two).
-const YIELD_EVERY: u32 = 64;
-/// A waiting loop checks its peer's health every this many turns (a power of two).
-const STALL_EVERY: u32 = 1 << 14;
-const _: () = assert!(YIELD_EVERY.is_power_of_two() && STALL_EVERY.is_power_of_two());
 const _: () = assert!(WINDOW % ACK_EVERY == 0);
 
 // ---- payloads ----
@@ -370,23 +371,6 @@ fn drive(t: &mut impl Transport, kind: Kind, item_sum: u64, n: u64, every: u64, 
         expect_ack(t, acked, item_sum);
     }
     start.elapsed()
-}
-
-/// Spin, and yield the core every `YIELD_EVERY` turns.
-struct Backoff(u32);
-
-impl Backoff {
-    /// One turn of waiting. Returns true every `STALL_EVERY` turns, for a health check.
-    #[inline]
-    fn snooze(&mut self) -> bool {
-        self.0 = self.0.wrapping_add(1);
-        if self.0 & (YIELD_EVERY - 1) == 0 {
-            std::thread::yield_now();
-        } else {
-            std::hint::spin_loop();
-        }
-        self.0 & (STALL_EVERY - 1) == 0
-    }
 }
 
 // ---- plugbus ----
@@ -672,36 +656,6 @@ impl Read for SocketRead {
             }
         }
     }
-}
-
-/// Reads one length-delimited message into `buf`; `None` at a clean end of stream.
-fn read_message(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<Option<()>> {
-    let Some(len) = read_varint(r)? else {
-        return Ok(None);
-    };
-    buf.resize(len as usize, 0);
-    r.read_exact(buf)?;
-    Ok(Some(()))
-}
-
-/// Reads a protobuf varint; `None` at a clean end of stream.
-fn read_varint(r: &mut impl Read) -> std::io::Result<Option<u64>> {
-    let mut v = 0u64;
-    for i in 0..10 {
-        let mut b = [0u8];
-        if r.read(&mut b)? == 0 {
-            return if i == 0 {
-                Ok(None)
-            } else {
-                Err(std::io::ErrorKind::UnexpectedEof.into())
-            };
-        }
-        v |= u64::from(b[0] & 0x7f) << (7 * i);
-        if b[0] & 0x80 == 0 {
-            return Ok(Some(v));
-        }
-    }
-    Err(std::io::Error::other("varint too long"))
 }
 
 /// The baseline plugin: reads each length-delimited `HostToPlugin`, decodes it, acknowledges.
@@ -1046,18 +1000,6 @@ fn wait_or_kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Makes the kernel kill this plugin if the bench process dies, so no orphan spins on.
-fn die_with_parent() {
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number by value and touches no memory of ours.
-    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
-    assert_eq!(rc, 0, "prctl(PR_SET_PDEATHSIG): {}", std::io::Error::last_os_error());
-    let parent = std::env::var(PARENT_ENV).ok().and_then(|p| p.parse::<u32>().ok());
-    if parent != Some(std::os::unix::process::parent_id()) {
-        // The bench process died before the prctl took effect (or this was started by hand).
-        std::process::exit(1);
-    }
-}
-
 // ---- the group ----
 
 #[derive(Debug, Clone, Copy)]
@@ -1133,7 +1075,7 @@ criterion_group!(benches, bench_ipc);
 fn main() {
     // Re-executed as a plugin: serve, and do not touch criterion.
     if let Ok(role) = std::env::var(ROLE_ENV) {
-        die_with_parent();
+        die_with_parent(std::env::var(PARENT_ENV).ok().and_then(|p| p.parse().ok()));
         match role.as_str() {
             "plugbus" => plugbus_plugin(WaitStrategy::default()),
             "plugbus-spin" => plugbus_plugin(WaitStrategy::Spin),

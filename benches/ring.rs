@@ -41,18 +41,15 @@ use plugbus::ring::{RegionRef, record};
 use plugbus::segment::{self, RingSpec, Segment};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+mod common;
+use common::{Backoff, die_with_parent};
+
 /// Ring capacity in records, for every competitor.
 const CAP: usize = 4096;
 /// Records per batch push.
 const BATCH: usize = 64;
 /// Records moved in the untimed correctness run: not a multiple of `BATCH`, many times `CAP`.
 const VERIFY_N: u64 = 100_003;
-/// A waiting loop yields its core every this many turns (a power of two).
-const YIELD_EVERY: u32 = 64;
-/// A waiting loop reports a possible stall (for liveness checks) every this many turns (a
-/// power of two).
-const STALL_EVERY: u32 = 1 << 14;
-const _: () = assert!(YIELD_EVERY.is_power_of_two() && STALL_EVERY.is_power_of_two());
 
 /// A game-server event: 48 bytes, no padding, any bit pattern valid.
 #[repr(C)]
@@ -97,24 +94,6 @@ fn check<const FULL: bool>(r: &Rec, next: u64) -> u64 {
         bad |= u64::from(*r != Rec::new(next));
     }
     bad
-}
-
-/// Spin, and yield the core every `YIELD_EVERY` turns.
-struct Backoff(u32);
-
-impl Backoff {
-    /// One turn of waiting. Returns true every `STALL_EVERY` turns, for callers that check
-    /// whether their peer is still alive.
-    #[inline]
-    fn snooze(&mut self) -> bool {
-        self.0 = self.0.wrapping_add(1);
-        if self.0 & (YIELD_EVERY - 1) == 0 {
-            std::thread::yield_now();
-        } else {
-            std::hint::spin_loop();
-        }
-        self.0 & (STALL_EVERY - 1) == 0
-    }
 }
 
 // ---- producers: push records 0..iters ----
@@ -488,7 +467,7 @@ impl Drop for CrossProcess {
 /// The child: attach to the segment, then serve runs until told to quit.
 fn child_main(name: &str) {
     let seg = Segment::open(name).unwrap_or_else(|e| panic!("bench child: {e}"));
-    die_with_parent(seg.header().fixed.creator_pid);
+    die_with_parent(Some(seg.header().fixed.creator_pid));
     if let Ok(cpu) = std::env::var(CHILD_CPU_ENV) {
         pin(&[cpu.parse().expect("PLUGBUS_BENCH_CHILD_CPU is a CPU number")]);
     }
@@ -533,17 +512,6 @@ fn next_control(seg: &Segment, rx: &mut record::Consumer<Rec>) -> Rec {
             continue;
         }
         bell.sleep(Some(Duration::from_millis(100)));
-    }
-}
-
-/// Makes the kernel kill this child if the bench process dies, so no orphan spins on.
-fn die_with_parent(parent: u32) {
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number by value and touches no memory of ours.
-    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
-    assert_eq!(rc, 0, "prctl(PR_SET_PDEATHSIG): {}", std::io::Error::last_os_error());
-    if std::os::unix::process::parent_id() != parent {
-        // The parent died before the prctl took effect.
-        std::process::exit(1);
     }
 }
 

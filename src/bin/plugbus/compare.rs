@@ -14,7 +14,7 @@
 //!   publish to the plugin's last observation, and the host thread's CPU time per event.
 
 use std::collections::HashMap;
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -387,13 +387,11 @@ pub fn baseline_plugin() -> Result<(), String> {
     let mut report = PluginReport::default();
     let mut buf = Vec::new();
     loop {
-        let len = match read_varint(&mut reader) {
-            Ok(Some(l)) => l as usize,
+        match crate::wire::read_message(&mut reader, &mut buf) {
+            Ok(Some(())) => {}
             Ok(None) => break,
             Err(e) => return Err(format!("read: {e}")),
-        };
-        buf.resize(len, 0);
-        reader.read_exact(&mut buf).map_err(|e| format!("read: {e}"))?;
+        }
         let msg = HostToPlugin::decode(buf.as_slice()).map_err(|e| format!("decode: {e}"))?;
         let now = monotonic_ns();
         report.last_ns = now;
@@ -422,24 +420,4 @@ pub fn baseline_plugin() -> Result<(), String> {
     }
     report.write(&report_path);
     Ok(())
-}
-
-/// Reads a protobuf varint; `None` at a clean end of stream.
-fn read_varint(r: &mut impl Read) -> std::io::Result<Option<u64>> {
-    let mut v = 0u64;
-    for i in 0..10 {
-        let mut b = [0u8];
-        if r.read(&mut b)? == 0 {
-            return if i == 0 {
-                Ok(None)
-            } else {
-                Err(std::io::ErrorKind::UnexpectedEof.into())
-            };
-        }
-        v |= u64::from(b[0] & 0x7f) << (7 * i);
-        if b[0] & 0x80 == 0 {
-            return Ok(Some(v));
-        }
-    }
-    Err(std::io::Error::other("varint too long"))
 }

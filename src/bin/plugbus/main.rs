@@ -9,6 +9,7 @@ mod loadtest;
 mod metrics_http;
 mod plot;
 mod sim;
+mod wire;
 
 // The example plugins, compiled into this binary so that `plugbus demo` can launch them
 // (`plugbus plugin chat-filter`, `plugbus plugin move-counter`) without a separate build.

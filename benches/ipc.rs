@@ -90,7 +90,7 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, criterion_group};
-use plugbus::fastpath::MoveRecord;
+use plugbus::fastpath::{MoveFrameHeader, MoveRecord};
 use plugbus::host::{Host, HostConfig, PluginConfig};
 use plugbus::plugin::{Context, Handler, Plugin, Reply, WaitStrategy};
 use plugbus::proto::{
@@ -460,7 +460,7 @@ struct BenchHandler {
 }
 
 impl Handler for BenchHandler {
-    fn on_moves(&mut self, ctx: &mut Context<'_>, _tick: u64, moves: &[MoveRecord]) {
+    fn on_moves(&mut self, ctx: &mut Context<'_>, _frame: MoveFrameHeader, moves: &[MoveRecord]) {
         let sum = moves.iter().fold(MoveSum::default(), |s, r| s.add(r)).0;
         let reply = if moves.len() == PLAYERS {
             self.counter.item(Kind::Moves, sum)

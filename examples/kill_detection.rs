@@ -81,12 +81,12 @@ fn main() {
     for i in 0..trials {
         let name = format!("plugbus.killdetect.{}.{i}", std::process::id());
         let mut cfg = PluginConfig::attached("victim");
-        cfg.segment = Some(name.clone());
+        cfg.address = Some(name.clone());
         let mut config = HostConfig::new(vec![cfg]);
         config.host.restart_max = 0;
         let mut host = Host::start(config).expect("host starts");
         let mut child = Command::new(&exe)
-            .env(plugbus::host::ENV_SEGMENT, &name)
+            .env(plugbus::transport::ENV_ADDRESS, &name)
             .env(plugbus::host::ENV_PLUGIN_ID, "victim")
             .stdin(Stdio::null())
             .spawn()
@@ -102,5 +102,5 @@ fn main() {
         detected.record(d.as_nanos() as u64);
         handled.record(h.as_nanos() as u64);
     }
-    report("attached plugin, SIGKILL (pid/hb)", &detected, &handled);
+    report("attached plugin, SIGKILL (pidfd)", &detected, &handled);
 }

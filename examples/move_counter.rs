@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use plugbus::fastpath::MoveRecord;
+use plugbus::fastpath::{MoveFrameHeader, MoveRecord};
 use plugbus::plugin::{Context, Handler, Plugin, WaitStrategy};
 use plugbus::proto::{EventType, HostHello};
 
@@ -56,9 +56,9 @@ impl Handler for MoveCounter {
         println!("move_counter connected (host boot {})", hello.boot_id);
     }
 
-    fn on_moves(&mut self, _ctx: &mut Context<'_>, tick: u64, moves: &[MoveRecord]) {
+    fn on_moves(&mut self, _ctx: &mut Context<'_>, frame: MoveFrameHeader, moves: &[MoveRecord]) {
         self.frames += 1;
-        self.last_tick = tick;
+        self.last_tick = frame.tick;
         for m in moves {
             *self.per_player.entry(m.uuid).or_default() += 1;
         }

@@ -116,6 +116,13 @@
 // Event type `PLAYER_QUIT` (accessor: `plugbus_event_quit`).
 #define PLUGBUS_EVENT_PLAYER_QUIT 11
 
+// `on_moves` flag: the plugin lagged; the records are each player's latest position over
+// several ticks, some of which it never saw.
+#define PLUGBUS_MOVES_CONFLATED 1
+
+// `on_moves` flag: the tick's records go on in the next `on_moves` call.
+#define PLUGBUS_MOVES_MORE 2
+
 // Event type `PLAYER_MOVE`: moves arrive through `on_moves`, in place.
 #define PLUGBUS_EVENT_PLAYER_MOVE 12
 
@@ -194,9 +201,12 @@ typedef struct plugbus_callbacks {
     // Passed as the first argument of every callback.
     void *user;
     // One tick's moves, lent in place from shared memory: `count` records at `records`, valid
-    // only during the call (copy what you keep).
+    // only during the call (copy what you keep). `flags` holds `PLUGBUS_MOVES_CONFLATED` when
+    // this plugin lagged and the records are each player's latest position over several ticks
+    // (some skipped), and `PLUGBUS_MOVES_MORE` when the tick's records go on in the next call.
     void (*on_moves)(void *user,
                      uint64_t tick,
+                     uint32_t flags,
                      const struct plugbus_move_record *records,
                      size_t count);
     // One event. `event` and everything read from it are valid only during the call; reply to
@@ -221,7 +231,8 @@ const char *plugbus_last_error(void);
 const char *plugbus_status_name(plugbus_status status);
 
 // Opens a handle from the environment a plugbus host sets for the processes it launches
-// (`PLUGBUS_SEGMENT`, `PLUGBUS_PLUGIN_ID`). Not connected yet: configure it, then call
+// (`PLUGBUS_ADDRESS`, and `PLUGBUS_PLUGIN_ID` or `DF_PLUGIN_ID`; `PLUGBUS_SEGMENT` may stand
+// for the address when a plugin is started by hand). Not connected yet: configure it, then call
 // `plugbus_connect`. On success `*out` is the handle (free it with `plugbus_close`); on error
 // `*out` is NULL (`PLUGBUS_ERR_NOT_FOUND` if the variables are missing).
 //
@@ -229,13 +240,14 @@ const char *plugbus_status_name(plugbus_status status);
 // `out` is NULL or valid for a write of a pointer.
 plugbus_status plugbus_open_env(struct plugbus_plugin **out);
 
-// Opens a handle for segment `segment` (the name a host printed for an attached plugin) as
-// plugin `plugin_id` (the id the host configured). Not connected yet; see `plugbus_open_env`.
+// Opens a handle for the link at `address` (the address a host printed for an attached
+// plugin, e.g. `shm:plugbus.external`; a bare segment name works too) as plugin `plugin_id`
+// (the id the host configured). Not connected yet; see `plugbus_open_env`.
 //
 // # Safety
-// `segment` and `plugin_id` are NULL or NUL-terminated strings; `out` is NULL or valid for a
+// `address` and `plugin_id` are NULL or NUL-terminated strings; `out` is NULL or valid for a
 // write of a pointer.
-plugbus_status plugbus_open(const char *segment,
+plugbus_status plugbus_open(const char *address,
                             const char *plugin_id,
                             struct plugbus_plugin **out);
 
@@ -283,9 +295,10 @@ plugbus_status plugbus_set_wait(struct plugbus_plugin *p,
 // `p` is NULL or a handle from `plugbus_open*`.
 plugbus_status plugbus_set_hello_timeout(struct plugbus_plugin *p, uint32_t timeout_ms);
 
-// Attaches to the segment, sends the hello and subscriptions, and waits for the host's hello.
+// Connects to the host's link, sends the hello and subscriptions, and waits for the host's
+// hello.
 // On failure the handle stays unconnected (fix the cause and call it again, or close it):
-// `PLUGBUS_ERR_NOT_FOUND` (no segment), `PLUGBUS_ERR_REFUSED`, `PLUGBUS_ERR_TIMEOUT`,
+// `PLUGBUS_ERR_NOT_FOUND` (nothing at the address), `PLUGBUS_ERR_REFUSED`, `PLUGBUS_ERR_TIMEOUT`,
 // `PLUGBUS_ERR_HOST_DIED`, ... `PLUGBUS_ERR_BAD_STATE` if already connected.
 //
 // # Safety
@@ -361,7 +374,7 @@ plugbus_status plugbus_log(struct plugbus_plugin *p,
 // bytes (when `len` is within the ring's limit).
 plugbus_status plugbus_send_raw(struct plugbus_plugin *p, const uint8_t *data, size_t len);
 
-// Closes the handle: detaches from the segment and frees what the handle holds. NULL is
+// Closes the handle: detaches from the link and frees what the handle holds. NULL is
 // allowed (nothing happens). A handle already closed is `PLUGBUS_ERR_CLOSED` (a small
 // tombstone of each handle stays allocated, so a closed handle is always recognized); closing
 // from inside a callback is `PLUGBUS_ERR_BAD_STATE` (nothing is closed).

@@ -95,6 +95,21 @@ pub struct MoveFrameHeader {
     pub flags: u32,
 }
 
+impl MoveFrameHeader {
+    /// The plugin lagged: the records are each player's latest position over several ticks,
+    /// some of which it never saw ([`FLAG_CONFLATED`]).
+    #[inline]
+    pub fn is_conflated(&self) -> bool {
+        self.flags & FLAG_CONFLATED != 0
+    }
+
+    /// The tick's records go on in the next frame ([`FLAG_MORE`]).
+    #[inline]
+    pub fn continues(&self) -> bool {
+        self.flags & FLAG_MORE != 0
+    }
+}
+
 const _: () = {
     assert!(std::mem::size_of::<MoveFrameHeader>() == 16);
     assert!(std::mem::size_of::<MoveFrameHeader>() % std::mem::align_of::<MoveRecord>() == 0);

@@ -16,6 +16,7 @@
 #[cfg(not(target_os = "linux"))]
 compile_error!("plugbus uses Linux futexes and /dev/shm; it builds on Linux only");
 
+pub mod clock;
 pub mod codec;
 pub mod fastpath;
 pub mod ffi;

@@ -155,7 +155,7 @@ pub fn spin_loop() {
     std::hint::spin_loop();
 }
 
-pub use futex::FutexWord;
+pub use futex::{FutexWord, wait_any};
 pub use track::AccessTracker;
 
 #[cfg(not(loom))]
@@ -240,6 +240,48 @@ mod futex {
             self.0.swap(v, order)
         }
     }
+    /// Sleeps until one of `words` no longer holds its expected value (a wake on any of them),
+    /// `timeout` passes, or spuriously; callers re-check their condition in a loop.
+    ///
+    /// One `futex_waitv` system call (Linux 5.16 and later). On an older kernel it sleeps on
+    /// the first word for at most 1 ms at a time instead (the others are then seen within 1 ms).
+    pub fn wait_any(words: &[(&FutexWord, u32)], timeout: Duration) {
+        use rustix::thread::futex;
+        const MAX: usize = 128; // the kernel's limit for futex_waitv
+        let Some(((first, first_expected), _)) = words.split_first() else {
+            std::thread::sleep(timeout);
+            return;
+        };
+        if words.len() > MAX {
+            first.wait(*first_expected, Some(timeout.min(Duration::from_millis(1))));
+            return;
+        }
+        let mut waits = [futex::Wait::new(); MAX];
+        for (w, (word, expected)) in waits.iter_mut().zip(words) {
+            w.val = u64::from(*expected);
+            w.uaddr = futex::WaitPtr::new(std::ptr::from_ref(word.word()).cast_mut().cast());
+            w.flags = futex::WaitFlags::SIZE_U32;
+        }
+        // futex_waitv takes an absolute time on the given clock. (The clock is read through libc:
+        // rustix would read the vDSO itself, which valgrind does not support.)
+        let deadline_ns =
+            crate::clock::monotonic_ns().saturating_add(timeout.as_nanos().min(u128::from(u64::MAX / 2)) as u64);
+        let deadline = rustix::time::Timespec {
+            tv_sec: (deadline_ns / 1_000_000_000) as _,
+            tv_nsec: (deadline_ns % 1_000_000_000) as _,
+        };
+        let woke = futex::waitv(
+            &waits[..words.len()],
+            futex::WaitvFlags::empty(),
+            Some(&deadline),
+            rustix::time::ClockId::Monotonic,
+        );
+        // Woken, timed out, a word already changed (EAGAIN), or interrupted: the caller
+        // re-checks either way. Only a kernel without futex_waitv needs the fallback.
+        if let Err(rustix::io::Errno::NOSYS) = woke {
+            first.wait(*first_expected, Some(timeout.min(Duration::from_millis(1))));
+        }
+    }
 }
 
 #[cfg(loom)]
@@ -302,6 +344,11 @@ mod futex {
         pub fn swap(&self, v: u32, order: Ordering) -> u32 {
             self.word.swap(v, order)
         }
+    }
+
+    /// Under loom: a yield (the model checks the rings and doorbells, not this wait).
+    pub fn wait_any(_words: &[(&FutexWord, u32)], _timeout: Duration) {
+        loom::thread::yield_now();
     }
 }
 

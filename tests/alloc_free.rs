@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use plugbus::codec::{self, BatchBuilder, BufferPool, EnvelopePool, HostDecoder, HostMessage};
-use plugbus::fastpath::{self, MoveFrameWriter, MoveRecord};
+use plugbus::fastpath::{self, MoveFrameHeader, MoveFrameWriter, MoveRecord};
 use plugbus::host::{Host, HostConfig, PluginConfig};
 use plugbus::plugin::{Context, Handler, Plugin, Reply, WaitStrategy};
 use plugbus::proto::{EventEnvelope, EventType, event_envelope::Payload};
@@ -368,7 +368,7 @@ struct Counter {
 }
 
 impl Handler for Counter {
-    fn on_moves(&mut self, _ctx: &mut Context<'_>, _tick: u64, moves: &[MoveRecord]) {
+    fn on_moves(&mut self, _ctx: &mut Context<'_>, _frame: MoveFrameHeader, moves: &[MoveRecord]) {
         self.moves += moves.len() as u64;
         self.x += moves.iter().map(|r| r.x).sum::<f64>();
     }
@@ -383,7 +383,11 @@ impl Handler for Counter {
 #[test]
 fn host_ticks_with_100_moves_and_a_chat_allocate_nothing() {
     let mut host = Host::start(HostConfig::new(vec![PluginConfig::attached("alloc_free")])).expect("host");
-    let segment = host.segment_of("alloc_free").expect("segment").to_owned();
+    let segment = host
+        .address_of("alloc_free")
+        .expect("segment")
+        .trim_start_matches("shm:")
+        .to_owned();
     let mut plugin = std::thread::scope(|s| {
         let connecting = s.spawn(|| {
             Plugin::builder(&segment, "alloc_free")

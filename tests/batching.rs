@@ -22,10 +22,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use plugbus::codec::{self, BatchBuilder, BatchLimits, HostDecoder, HostMessage};
-use plugbus::host::{ENV_SEGMENT, Host, HostConfig, PluginConfig, SlotState};
+use plugbus::host::{Host, HostConfig, PluginConfig, SlotState};
 use plugbus::plugin::Plugin;
 use plugbus::proto::{self, EventEnvelope, EventType, event_envelope::Payload, host_to_plugin};
 use plugbus::ring::{RegionRef, frame};
+use plugbus::transport::ENV_ADDRESS;
 use plugbus::transport::{HostState, Incoming, PluginLink};
 use prost::Message as _;
 
@@ -342,7 +343,7 @@ fn run_child(out_path: &str) -> Result<(), Box<dyn std::error::Error>> {
 /// The plugin side of [`batching_rules_through_the_host`]; does nothing in a normal test run.
 #[test]
 fn child_plugin() {
-    if std::env::var_os(ENV_SEGMENT).is_none() {
+    if std::env::var_os(ENV_ADDRESS).is_none() {
         return;
     }
     let out = std::env::var(OUT_VAR).expect("the parent passes the observation file");

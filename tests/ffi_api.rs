@@ -65,7 +65,7 @@ fn null_pointers_are_errors() {
         expect(
             plugbus_open(null(), c"id".as_ptr(), &mut p),
             PLUGBUS_ERR_NULL_POINTER,
-            "segment",
+            "address",
         );
         assert!(p.is_null(), "out is NULL after a failed open");
         expect(
@@ -347,12 +347,12 @@ fn calls_in_the_wrong_state_are_errors() {
         expect(plugbus_close(p), PLUGBUS_OK, "");
 
         // Not started by a host: no environment.
-        if std::env::var_os("PLUGBUS_SEGMENT").is_none() {
+        if std::env::var_os("PLUGBUS_ADDRESS").is_none() && std::env::var_os("PLUGBUS_SEGMENT").is_none() {
             let mut out = null_mut();
             expect(
                 plugbus_open_env(&mut out),
                 PLUGBUS_ERR_NOT_FOUND,
-                "PLUGBUS_SEGMENT is not set",
+                "PLUGBUS_ADDRESS is not set",
             );
             assert!(out.is_null());
         }
@@ -471,7 +471,13 @@ fn text(s: plugbus_str) -> String {
     unsafe { s.as_str() }.to_owned()
 }
 
-unsafe extern "C" fn on_moves(user: *mut c_void, tick: u64, records: *const plugbus_move_record, count: usize) {
+unsafe extern "C" fn on_moves(
+    user: *mut c_void,
+    tick: u64,
+    _flags: u32,
+    records: *const plugbus_move_record,
+    count: usize,
+) {
     // SAFETY: `user` is the Recorder the test passed; the records are valid for the call.
     let (r, records) = unsafe {
         (
@@ -651,7 +657,7 @@ fn the_whole_api_against_an_in_process_host() {
     config.host.response_timeout_ms = 30_000;
     config.host.shutdown_grace_ms = 100;
     let mut host = Host::start(config).expect("host starts");
-    let segment = std::ffi::CString::new(host.segment_of("capi").expect("segment")).unwrap();
+    let segment = std::ffi::CString::new(host.address_of("capi").expect("segment").trim_start_matches("shm:")).unwrap();
     let p = open(&segment, c"capi");
 
     // Configure and connect (on another thread: connect waits for the host's hello, which the
@@ -1058,7 +1064,11 @@ fn host_child_role() {
         return;
     };
     let mut host = Host::start(HostConfig::new(vec![PluginConfig::attached("orphan")])).expect("host starts");
-    let name = host.segment_of("orphan").expect("segment").to_owned();
+    let name = host
+        .address_of("orphan")
+        .expect("segment")
+        .trim_start_matches("shm:")
+        .to_owned();
     let tmp = std::path::PathBuf::from(&report).with_extension("tmp");
     std::fs::write(&tmp, name).expect("write the segment name");
     std::fs::rename(&tmp, &report).expect("publish the segment name");

@@ -249,7 +249,10 @@ fn chats_sent(host: &mut Host) -> Vec<(String, String)> {
 
 /// Whether plugin `id` has read everything in its moves and control rings.
 fn consumed(host: &Host, id: &str) -> bool {
-    let name = host.segment_of(id).expect("configured plugin");
+    let name = host
+        .address_of(id)
+        .expect("configured plugin")
+        .trim_start_matches("shm:");
     let rings = plugbus::segment::stale::inspect(name).rings;
     rings.len() == 3 && rings[..2].iter().all(|(_, head, tail)| head == tail)
 }

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use plugbus::host::{Host, Notice, PluginConfig, SlotState};
 use plugbus::segment::stale;
-use plugbus::transport::shm::{RingSizes, ShmHostLink};
+use plugbus::transport::QueueSizes;
+use plugbus::transport::shm::ShmHostLink;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -230,7 +231,7 @@ fn a_new_host_removes_the_segments_of_a_killed_one() {
         .expect("a killed host's segments stay behind (unless another host on the machine removes them)");
     // A segment of a live creator (this process) must survive the cleanup.
     let live_name = plugbus::segment::unique_name("live");
-    let _live = ShmHostLink::create(&live_name, "live", &RingSizes::default()).expect("create");
+    let _live = ShmHostLink::create(&live_name, "live", &QueueSizes::default()).expect("create");
 
     let host = Host::start(config(vec![PluginConfig::attached("fresh")])).expect("host starts");
     let names_now = stale::list_names().unwrap();
@@ -238,7 +239,11 @@ fn a_new_host_removes_the_segments_of_a_killed_one() {
         assert!(!names_now.contains(n), "{n} was removed");
     }
     assert!(names_now.contains(&live_name), "a live creator's segment is kept");
-    let fresh = host.segment_of("fresh").expect("segment").to_owned();
+    let fresh = host
+        .address_of("fresh")
+        .expect("segment")
+        .trim_start_matches("shm:")
+        .to_owned();
     assert!(names_now.contains(&fresh));
     drop(host);
     assert!(

@@ -12,6 +12,7 @@ use plugbus::host::{ConfigError, Host, HostConfig, Notice, SlotState};
 use plugbus::plugin::{Plugin, PluginError};
 use plugbus::proto::{self, action};
 use plugbus::segment::{LAYOUT_VERSION, SegmentOpenError};
+use plugbus::transport::ConnectError;
 use plugbus::transport::shm::ShmPluginLink;
 
 #[test]
@@ -49,7 +50,7 @@ fn handshake_hello_commands_and_actions() {
         ["ping"]
     );
     assert!(host.pid_of("hs").is_some());
-    assert!(host.segment_of("hs").is_some_and(|s| s.starts_with("plugbus.")));
+    assert!(host.address_of("hs").is_some_and(|s| s.starts_with("shm:plugbus.")));
 
     // At once after `start`: a required plugin's subscriptions are in effect (it sends them
     // before its hello). A command it registered: it answers and sends two actions, which reach
@@ -154,7 +155,11 @@ fn segment_of_another_layout_version_is_refused() {
     use std::os::unix::fs::FileExt;
     init_logging();
     let mut host = Host::start(config(vec![plugbus::host::PluginConfig::attached("vers")])).expect("host starts");
-    let name = host.segment_of("vers").expect("segment").to_owned();
+    let name = host
+        .address_of("vers")
+        .expect("segment")
+        .trim_start_matches("shm:")
+        .to_owned();
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -188,7 +193,7 @@ fn segment_of_another_layout_version_is_refused() {
         .connect()
         .expect_err("a segment of another layout version");
     assert!(
-        matches!(err, PluginError::Segment(SegmentOpenError::WrongVersion { found, .. }) if found == LAYOUT_VERSION + 1),
+        matches!(&err, PluginError::Connect(ConnectError::Refused { reason, .. }) if reason.contains("layout version")),
         "{err:?}"
     );
     let msg = err.to_string();
@@ -267,19 +272,19 @@ fn bad_configs_name_the_file_the_plugin_and_the_field() {
 
     let e = bad_config(
         &dir,
-        "rings.toml",
-        "[[plugin]]\nid = \"moves\"\ncommand = \"x\"\n[plugin.rings]\nmoves = 100000\n",
+        "queues.toml",
+        "[[plugin]]\nid = \"moves\"\ncommand = \"x\"\n[plugin.queues]\nmoves = 100000\n",
         Some("moves"),
-        Some("rings.moves"),
+        Some("queues.moves"),
     );
     assert!(e.message.contains("power of two"), "{e}");
 
     bad_config(
         &dir,
-        "ring-field.toml",
-        "[[plugin]]\nid = \"moves\"\ncommand = \"x\"\n[plugin.rings]\nmvoes = 65536\n",
+        "queue-field.toml",
+        "[[plugin]]\nid = \"moves\"\ncommand = \"x\"\n[plugin.queues]\nmvoes = 65536\n",
         Some("moves"),
-        Some("rings.mvoes"),
+        Some("queues.mvoes"),
     );
 
     // The second plugin has no id: it is named by its position.

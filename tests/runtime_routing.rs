@@ -255,7 +255,7 @@ fn critical_events_keep_their_order_under_load() {
             .env(SUBSCRIBE, "EVENT_TYPE_ALL")
             // Asleep on the first event, so that the host has to queue behind a full ring.
             .env(FIRST_EVENT_SLEEP_MS, "300")
-            .rings(small_rings(1 << 16, 1 << 16))
+            .queues(small_rings(1 << 16, 1 << 16))
             .required(true),
     ]);
     cfg.host.overflow_frames = 1 << 20;
@@ -326,7 +326,7 @@ fn moves_are_conflated_for_a_plugin_that_sleeps() {
             .env(SUBSCRIBE, "PLAYER_MOVE")
             .env(RECORD_MOVES, "1")
             .env(MOVE_SLEEP_MS, "20")
-            .rings(small_rings(1 << 16, 1 << 12))
+            .queues(small_rings(1 << 16, 1 << 12))
             .required(true),
     ]))
     .expect("host starts");
@@ -390,7 +390,7 @@ fn a_plugin_that_never_reads_is_disconnected_with_its_count() {
     let mut cfg = config(vec![
         child_plugin("stuck", "silent", &report)
             .env(SUBSCRIBE, "CHAT")
-            .rings(small_rings(1 << 16, 1 << 12))
+            .queues(small_rings(1 << 16, 1 << 12))
             .required(true),
     ]);
     cfg.host.overflow_frames = 8;

@@ -54,9 +54,10 @@ impl Handler for Idle {}
 /// Child role: a plugin that attaches and then truncates its own segment.
 #[test]
 fn child_truncating_plugin() {
-    let Ok(segment) = std::env::var("PLUGBUS_SEGMENT") else {
+    let Ok(address) = std::env::var(plugbus::transport::ENV_ADDRESS) else {
         return;
     };
+    let segment = address.trim_start_matches("shm:").to_owned();
     let plugin = Plugin::from_env()
         .unwrap()
         .subscribe([EventType::All])

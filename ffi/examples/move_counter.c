@@ -32,6 +32,7 @@ typedef struct {
     size_t len;
     uint64_t total;
     uint64_t frames;
+    uint64_t conflated_frames; /* frames flagged PLUGBUS_MOVES_CONFLATED: this plugin lagged */
     uint64_t last_tick;
     uint64_t window_moves;
     double last_summary;
@@ -119,9 +120,12 @@ static int maybe_summary(counter *c) {
     return c->exit_after && c->summaries >= c->exit_after;
 }
 
-static void on_moves(void *user, uint64_t tick, const plugbus_move_record *records, size_t count) {
+static void on_moves(void *user, uint64_t tick, uint32_t flags, const plugbus_move_record *records, size_t count) {
     counter *c = user;
     c->frames++;
+    if (flags & PLUGBUS_MOVES_CONFLATED) {
+        c->conflated_frames++;
+    }
     c->last_tick = tick;
     for (size_t i = 0; i < count; i++) {
         count_move(c, records[i].uuid);
@@ -146,8 +150,8 @@ static void write_summary(const counter *c, const char *how) {
         perror("move_counter: PLUGBUS_SUMMARY_FILE");
         return;
     }
-    fprintf(f, "end=%s moves=%" PRIu64 " players=%zu frames=%" PRIu64 " last_tick=%" PRIu64 "\n", how,
-            c->total, c->len, c->frames, c->last_tick);
+    fprintf(f, "end=%s moves=%" PRIu64 " players=%zu frames=%" PRIu64 " conflated_frames=%" PRIu64 " last_tick=%" PRIu64 "\n",
+            how, c->total, c->len, c->frames, c->conflated_frames, c->last_tick);
     fclose(f);
 }
 

@@ -75,6 +75,11 @@ impl BatchBuilder {
         self.buf.len()
     }
 
+    /// The encoding of the `EventBatch` message gathered so far (its `events` fields in order).
+    pub fn body(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// Whether `limits` say this batch must go now.
     #[inline]
     pub fn is_full(&self, limits: &BatchLimits) -> bool {

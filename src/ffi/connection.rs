@@ -12,13 +12,11 @@ use super::{
     PLUGBUS_WAIT_PARK, PLUGBUS_WAIT_SPIN, PLUGBUS_WAIT_SPIN_THEN_PARK, arg_bytes, arg_cstr, arg_str, closed_error,
     guard, is_known, plugbus_callbacks, plugbus_status, plugbus_str, register,
 };
-use crate::fastpath::MoveRecord;
+use crate::fastpath::{MoveFrameHeader, MoveRecord};
 use crate::plugin::{Context, Handler, IdleStep, Plugin, PluginBuilder, Reply, WaitStrategy};
 use crate::proto::{
     self, ActionResult, CommandSpec, EventEnvelope, EventType, LogMessage, PluginToHost, action, plugin_to_host,
 };
-use crate::ring::frame;
-use crate::transport::shm::RING_REPLIES;
 use crate::transport::{HostState, PluginLink};
 
 /// Most event types one `plugbus_subscribe` call may name.
@@ -39,7 +37,7 @@ pub struct plugbus_plugin {
     /// The event object handed to `on_event` (reused; valid until `plugbus_close`).
     pub(crate) event: plugbus_event,
     wait: Cell<WaitStrategy>,
-    /// Largest encoded `PluginToHost` the replies ring carries (0 before connect).
+    /// Largest encoded `PluginToHost` the link carries (0 before connect).
     pub(crate) max_message: Cell<usize>,
     boot_id: OnceCell<String>,
     /// Closed: only a tombstone is left.
@@ -198,7 +196,7 @@ pub(crate) fn queue(ctx: &mut Context<'_>, max: usize, payload: plugin_to_host::
     let len = msg.encoded_len();
     if len > max {
         return Err(Error::invalid(format!(
-            "the message encodes to {len} bytes; the replies ring carries at most {max}"
+            "the message encodes to {len} bytes; the link carries at most {max}"
         )));
     }
     if let Some(payload) = msg.payload {
@@ -222,7 +220,8 @@ unsafe fn open(builder: PluginBuilder, out: *mut *mut plugbus_plugin) {
 }
 
 /// Opens a handle from the environment a plugbus host sets for the processes it launches
-/// (`PLUGBUS_SEGMENT`, `PLUGBUS_PLUGIN_ID`). Not connected yet: configure it, then call
+/// (`PLUGBUS_ADDRESS`, and `PLUGBUS_PLUGIN_ID` or `DF_PLUGIN_ID`; `PLUGBUS_SEGMENT` may stand
+/// for the address when a plugin is started by hand). Not connected yet: configure it, then call
 /// `plugbus_connect`. On success `*out` is the handle (free it with `plugbus_close`); on error
 /// `*out` is NULL (`PLUGBUS_ERR_NOT_FOUND` if the variables are missing).
 ///
@@ -243,15 +242,16 @@ pub unsafe extern "C" fn plugbus_open_env(out: *mut *mut plugbus_plugin) -> plug
     })
 }
 
-/// Opens a handle for segment `segment` (the name a host printed for an attached plugin) as
-/// plugin `plugin_id` (the id the host configured). Not connected yet; see `plugbus_open_env`.
+/// Opens a handle for the link at `address` (the address a host printed for an attached
+/// plugin, e.g. `shm:plugbus.external`; a bare segment name works too) as plugin `plugin_id`
+/// (the id the host configured). Not connected yet; see `plugbus_open_env`.
 ///
 /// # Safety
-/// `segment` and `plugin_id` are NULL or NUL-terminated strings; `out` is NULL or valid for a
+/// `address` and `plugin_id` are NULL or NUL-terminated strings; `out` is NULL or valid for a
 /// write of a pointer.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_open(
-    segment: *const c_char,
+    address: *const c_char,
     plugin_id: *const c_char,
     out: *mut *mut plugbus_plugin,
 ) -> plugbus_status {
@@ -261,13 +261,13 @@ pub unsafe extern "C" fn plugbus_open(
         }
         // SAFETY: non-null, valid for a write by the caller's contract.
         unsafe { out.write(std::ptr::null_mut()) };
-        // SAFETY: the caller's contract on `segment` and `plugin_id`.
-        let (segment, plugin_id) = unsafe { (arg_cstr(segment, "segment")?, arg_cstr(plugin_id, "plugin_id")?) };
-        if segment.is_empty() || plugin_id.is_empty() {
-            return Err(Error::invalid("segment and plugin_id must not be empty"));
+        // SAFETY: the caller's contract on `address` and `plugin_id`.
+        let (address, plugin_id) = unsafe { (arg_cstr(address, "address")?, arg_cstr(plugin_id, "plugin_id")?) };
+        if address.is_empty() || plugin_id.is_empty() {
+            return Err(Error::invalid("address and plugin_id must not be empty"));
         }
         // SAFETY: `out` is non-null and valid for a write (checked above, and by contract).
-        unsafe { open(Plugin::builder(segment, plugin_id), out) };
+        unsafe { open(Plugin::builder(address, plugin_id), out) };
         Ok(PLUGBUS_OK)
     })
 }
@@ -425,9 +425,10 @@ pub unsafe extern "C" fn plugbus_set_hello_timeout(p: *mut plugbus_plugin, timeo
     })
 }
 
-/// Attaches to the segment, sends the hello and subscriptions, and waits for the host's hello.
+/// Connects to the host's link, sends the hello and subscriptions, and waits for the host's
+/// hello.
 /// On failure the handle stays unconnected (fix the cause and call it again, or close it):
-/// `PLUGBUS_ERR_NOT_FOUND` (no segment), `PLUGBUS_ERR_REFUSED`, `PLUGBUS_ERR_TIMEOUT`,
+/// `PLUGBUS_ERR_NOT_FOUND` (nothing at the address), `PLUGBUS_ERR_REFUSED`, `PLUGBUS_ERR_TIMEOUT`,
 /// `PLUGBUS_ERR_HOST_DIED`, ... `PLUGBUS_ERR_BAD_STATE` if already connected.
 ///
 /// # Safety
@@ -459,16 +460,9 @@ pub unsafe extern "C" fn plugbus_connect(p: *mut plugbus_plugin) -> plugbus_stat
     })
 }
 
-/// The largest payload a frame of the replies ring carries (what the frame ring's
-/// `max_payload` computes: half the data bytes, less a frame header).
+/// The largest encoded `PluginToHost` message the link carries.
 fn max_message(plugin: &mut Plugin) -> Result<usize, Error> {
-    let region = plugin
-        .link()
-        .segment()
-        .ring_region(RING_REPLIES)
-        .ok_or_else(|| Error::new(super::PLUGBUS_ERR_PROTOCOL, "the segment has no replies ring"))?;
-    let capacity = region.len().saturating_sub(frame::region_size(0));
-    Ok((capacity / 2).saturating_sub(frame::HEADER))
+    Ok(plugin.link().max_message())
 }
 
 /// The host's boot id (from its hello), valid until `plugbus_close`.
@@ -498,13 +492,21 @@ struct Trampoline<'h> {
 }
 
 impl Handler for Trampoline<'_> {
-    fn on_moves(&mut self, ctx: &mut Context<'_>, tick: u64, moves: &[MoveRecord]) {
+    fn on_moves(&mut self, ctx: &mut Context<'_>, frame: MoveFrameHeader, moves: &[MoveRecord]) {
         let Some(f) = self.cb.on_moves else { return };
         let _scope = self.h.enter(ctx);
         // SAFETY: `f` is the caller's function with the declared signature. `plugbus_move_record`
         // has the layout of `MoveRecord` (asserted at compile time), so the pointer is to
         // `moves.len()` valid records, readable for the call, which is all the header promises.
-        unsafe { f(self.cb.user, tick, moves.as_ptr().cast(), moves.len()) };
+        unsafe {
+            f(
+                self.cb.user,
+                frame.tick,
+                frame.flags,
+                moves.as_ptr().cast(),
+                moves.len(),
+            )
+        };
     }
 
     fn on_event_bytes(&mut self, ctx: &mut Context<'_>, event: &EventEnvelope, bytes: &[u8]) -> Reply {
@@ -788,7 +790,7 @@ pub unsafe extern "C" fn plugbus_send_raw(p: *mut plugbus_plugin, data: *const u
     })
 }
 
-/// Closes the handle: detaches from the segment and frees what the handle holds. NULL is
+/// Closes the handle: detaches from the link and frees what the handle holds. NULL is
 /// allowed (nothing happens). A handle already closed is `PLUGBUS_ERR_CLOSED` (a small
 /// tombstone of each handle stays allocated, so a closed handle is always recognized); closing
 /// from inside a callback is `PLUGBUS_ERR_BAD_STATE` (nothing is closed).
@@ -809,7 +811,7 @@ pub unsafe extern "C" fn plugbus_close(p: *mut plugbus_plugin) -> plugbus_status
         let mut st = h.state.try_borrow_mut().map_err(|_| busy("plugbus_close"))?;
         h.closed.set(true);
         h.event.closed.set(true);
-        // Drops the connection: detaches from the segment, unmaps it, frees the buffers.
+        // Drops the connection: detaches from the link (shared memory: unmaps it), frees the buffers.
         *st = State::Closed;
         Ok(PLUGBUS_OK)
     })

@@ -27,7 +27,7 @@ use std::sync::{Mutex, PoisonError};
 use crate::fastpath::MoveRecord;
 use crate::plugin::PluginError;
 use crate::proto::EventType;
-use crate::segment::SegmentOpenError;
+use crate::transport::ConnectError;
 
 pub use connection::*;
 pub use event::*;
@@ -74,6 +74,17 @@ pub const PLUGBUS_EVENT_ALL: i32 = 1;
 pub const PLUGBUS_EVENT_PLAYER_JOIN: i32 = 10;
 /// Event type `PLAYER_QUIT` (accessor: `plugbus_event_quit`).
 pub const PLUGBUS_EVENT_PLAYER_QUIT: i32 = 11;
+/// `on_moves` flag: the plugin lagged; the records are each player's latest position over
+/// several ticks, some of which it never saw.
+pub const PLUGBUS_MOVES_CONFLATED: u32 = 1;
+/// `on_moves` flag: the tick's records go on in the next `on_moves` call.
+pub const PLUGBUS_MOVES_MORE: u32 = 2;
+
+const _: () = {
+    assert!(PLUGBUS_MOVES_CONFLATED == crate::fastpath::FLAG_CONFLATED);
+    assert!(PLUGBUS_MOVES_MORE == crate::fastpath::FLAG_MORE);
+};
+
 /// Event type `PLAYER_MOVE`: moves arrive through `on_moves`, in place.
 pub const PLUGBUS_EVENT_PLAYER_MOVE: i32 = 12;
 /// Event type `PLAYER_TELEPORT`.
@@ -206,9 +217,18 @@ pub struct plugbus_callbacks {
     /// Passed as the first argument of every callback.
     pub user: *mut c_void,
     /// One tick's moves, lent in place from shared memory: `count` records at `records`, valid
-    /// only during the call (copy what you keep).
-    pub on_moves:
-        Option<unsafe extern "C" fn(user: *mut c_void, tick: u64, records: *const plugbus_move_record, count: usize)>,
+    /// only during the call (copy what you keep). `flags` holds `PLUGBUS_MOVES_CONFLATED` when
+    /// this plugin lagged and the records are each player's latest position over several ticks
+    /// (some skipped), and `PLUGBUS_MOVES_MORE` when the tick's records go on in the next call.
+    pub on_moves: Option<
+        unsafe extern "C" fn(
+            user: *mut c_void,
+            tick: u64,
+            flags: u32,
+            records: *const plugbus_move_record,
+            count: usize,
+        ),
+    >,
     /// One event. `event` and everything read from it are valid only during the call; reply to
     /// it (if it expects a response) with `plugbus_reply_*` before returning, or it is acked.
     pub on_event: Option<unsafe extern "C" fn(user: *mut c_void, event: *mut plugbus_event)>,
@@ -246,12 +266,12 @@ impl From<PluginError> for Error {
     fn from(e: PluginError) -> Self {
         let code = match &e {
             PluginError::MissingEnv(_) => PLUGBUS_ERR_NOT_FOUND,
-            PluginError::Segment(s) => match s {
-                SegmentOpenError::NotFound(_) => PLUGBUS_ERR_NOT_FOUND,
-                SegmentOpenError::InvalidName(_) => PLUGBUS_ERR_INVALID_ARGUMENT,
-                SegmentOpenError::AlreadyAttached { .. } => PLUGBUS_ERR_REFUSED,
-                SegmentOpenError::Os { .. } => PLUGBUS_ERR_IO,
-                _ => PLUGBUS_ERR_PROTOCOL,
+            PluginError::Connect(c) => match c {
+                ConnectError::NotFound { .. } => PLUGBUS_ERR_NOT_FOUND,
+                ConnectError::BadAddress { .. } => PLUGBUS_ERR_INVALID_ARGUMENT,
+                ConnectError::Taken { .. } => PLUGBUS_ERR_REFUSED,
+                ConnectError::Io { .. } => PLUGBUS_ERR_IO,
+                ConnectError::Refused { .. } => PLUGBUS_ERR_PROTOCOL,
             },
             PluginError::Refused(_) => PLUGBUS_ERR_REFUSED,
             PluginError::HelloTimeout(_) => PLUGBUS_ERR_TIMEOUT,

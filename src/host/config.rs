@@ -15,15 +15,16 @@
 //! workdir = "."
 //! priority = 10                 # higher priority has the final say on mutations
 //! required = true               # the host waits for its hello before it starts
-//! [plugin.rings]                # bytes, powers of two
+//! transport = "shm"            # the default: shared memory
+//! [plugin.queues]               # bytes of buffering per direction, powers of two
 //! moves = 4194304
 //! control = 1048576
 //! replies = 262144
 //! ```
 //!
-//! A plugin with `attach = true` (and no `command`) is not launched: the host creates its
-//! segment (named by `segment`, or generated) and waits for a process started by someone else to
-//! attach with `PLUGBUS_SEGMENT` set to that name.
+//! A plugin with `attach = true` (and no `command`) is not launched: the host makes its link
+//! (at `address`, or one it makes up) and waits for a process started by someone else to
+//! connect with `PLUGBUS_ADDRESS` set to that address.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -31,7 +32,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use crate::transport::shm::RingSizes;
+use crate::transport::{self, QueueSizes};
 
 /// A configuration error, naming the file, the plugin and the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +49,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(plugin: Option<&str>, field: Option<&str>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(plugin: Option<&str>, field: Option<&str>, message: impl Into<String>) -> Self {
         Self {
             file: None,
             plugin: plugin.map(str::to_owned),
@@ -150,12 +151,20 @@ pub struct PluginConfig {
     /// Attach mode: do not launch; wait for an external process.
     #[serde(default)]
     pub attach: bool,
-    /// Segment name to use (attach mode); generated when absent.
+    /// The transport (default `shm`, shared memory).
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    /// The address the plugin connects to (attach mode, e.g. `shm:plugbus.external`); made up
+    /// by the transport when absent.
     #[serde(default)]
-    pub segment: Option<String>,
-    /// Ring sizes.
+    pub address: Option<String>,
+    /// Buffer sizes of its link.
     #[serde(default)]
-    pub rings: RingSizes,
+    pub queues: QueueSizes,
+}
+
+fn default_transport() -> String {
+    transport::DEFAULT_TRANSPORT.to_owned()
 }
 
 impl PluginConfig {
@@ -171,8 +180,9 @@ impl PluginConfig {
             priority: 0,
             required: false,
             attach: false,
-            segment: None,
-            rings: RingSizes::default(),
+            transport: default_transport(),
+            address: None,
+            queues: QueueSizes::default(),
         }
     }
 
@@ -209,9 +219,15 @@ impl PluginConfig {
         self
     }
 
-    /// Sets ring sizes.
-    pub fn rings(mut self, rings: RingSizes) -> Self {
-        self.rings = rings;
+    /// Sets the buffer sizes of its link.
+    pub fn queues(mut self, queues: QueueSizes) -> Self {
+        self.queues = queues;
+        self
+    }
+
+    /// Sets the address an attached plugin connects to.
+    pub fn address(mut self, address: &str) -> Self {
+        self.address = Some(address.to_owned());
         self
     }
 
@@ -251,27 +267,13 @@ impl PluginConfig {
             }
             _ => {}
         }
-        if let Some(s) = &self.segment {
-            if !crate::segment::valid_name(s) {
-                return Err(ConfigError::new(
-                    id,
-                    Some("segment"),
-                    format!("{s:?} is not a valid segment name (plugbus.<A-Z a-z 0-9 . _ ->)"),
-                ));
+        if let Some(a) = &self.address {
+            if let Err(e) = transport::check_address(a) {
+                return Err(ConfigError::new(id, Some("address"), e.to_string()));
             }
         }
-        for (field, v, min) in [
-            ("rings.moves", self.rings.moves, 1 << 16),
-            ("rings.control", self.rings.control, 1 << 12),
-            ("rings.replies", self.rings.replies, 1 << 12),
-        ] {
-            if !v.is_power_of_two() || v < min || v > 1 << 30 {
-                return Err(ConfigError::new(
-                    id,
-                    Some(field),
-                    format!("{v} must be a power of two between {min} and {}", 1u64 << 30),
-                ));
-            }
+        if let Err((field, message)) = self.queues.validate() {
+            return Err(ConfigError::new(id, Some(&format!("queues.{field}")), message));
         }
         Ok(())
     }

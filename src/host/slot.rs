@@ -1,8 +1,16 @@
-//! One plugin as the host sees it: its link, subscriptions, per-tick batch, overflow queue and
-//! move conflation. Nothing here blocks.
+//! One plugin as the host sees it: its link, subscriptions, per-tick batch, and the ordered
+//! queue in front of its link. Nothing here blocks.
+//!
+//! **One ordered stream.** Everything for a plugin goes out in one order: the events of a tick
+//! as the host published them (immediate ones at once, the others in batches), then the tick's
+//! moves, then the next tick. When the link has no room, messages wait in `queue`, in order,
+//! and everything after them waits behind them; moves never wait there: while anything is
+//! queued, or the link has no room for them, they are merged into `conflated` (each player's
+//! latest record) and go out as one frame flagged [`FLAG_CONFLATED`], labelled with the tick in
+//! which it is sent, at the end of that tick. A quit removes its player from `conflated`, so a
+//! plugin never sees a player move after it left.
 
 use std::collections::{HashMap, VecDeque};
-use std::process::Child;
 use std::time::Instant;
 
 use prost::encoding::{WireType, encode_key, encode_varint};
@@ -12,12 +20,12 @@ use super::stats::PluginStats;
 use crate::codec::{self, BatchBuilder, BatchLimits, BufferPool};
 use crate::fastpath::{FLAG_CONFLATED, MoveRecord};
 use crate::proto::{self, EventType, PluginHello};
-use crate::transport::{HostLink, LinkCounters, LinkError};
+use crate::transport::{Downstream, HostLink, LinkCounters, LinkError};
 
 /// Where a plugin is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SlotState {
-    /// Segment made (and process launched); waiting for its hello.
+    /// Its link is being made (and its process launched), or it waits for its hello.
     Connecting,
     /// Handshake done; receives what it subscribed to.
     Ready,
@@ -56,39 +64,46 @@ impl EventSet {
     }
 }
 
-/// Why a send did not go through right now.
+/// What became of a send.
 pub(crate) enum SendOutcome {
     /// Written to the link.
     Sent,
-    /// Queued in host memory (overflow); goes out at a later flush.
+    /// Queued in host memory, in order; goes out at a later flush.
     Queued,
-    /// The overflow queue is full: the plugin must be disconnected.
+    /// The queue is over its limit: the plugin must be disconnected.
     Overflow,
 }
 
 pub(crate) struct Slot {
     pub cfg: PluginConfig,
     pub state: SlotState,
+    /// `None` while the supervisor makes it (and after a disconnect).
     pub link: Option<Box<dyn HostLink>>,
-    pub segment: String,
-    pub child: Option<Child>,
+    pub address: String,
+    /// The launched process, once the supervisor reports it.
+    pub pid: Option<u32>,
+    /// Which incarnation of this plugin: bumped at every (re)start, so that late reports of
+    /// an earlier one are ignored.
     pub generation: u64,
     pub connecting_since: Instant,
     pub subscribed: EventSet,
     pub hello: Option<PluginHello>,
+    /// An attached plugin's process is watched by the supervisor.
+    pub pid_watched: bool,
+    /// A link was made for it at least once.
+    pub opened: bool,
     batch: BatchBuilder,
-    /// Complete `HostToPlugin` payloads waiting for room, with the events each carries.
-    overflow: VecDeque<(Vec<u8>, u32)>,
-    overflow_events: u64,
-    /// Each player's latest unsent record while the moves ring is full.
+    /// Complete `HostToPlugin` messages waiting for room, in order, with the events each carries.
+    queue: VecDeque<(Vec<u8>, u32)>,
+    queued_events: u64,
+    /// Each player's latest undelivered record, while moves cannot go out.
     conflated: HashMap<[u8; 16], MoveRecord>,
     conflated_buf: Vec<MoveRecord>,
-    /// Something was written since the last doorbell.
+    /// Something was written since the last wake-up.
     pub dirty: bool,
     pub restarts: VecDeque<Instant>,
     pub stats: PluginStats,
     pub slow: bool,
-    pub last_pid_check: Instant,
     /// Tick and CLOCK_MONOTONIC time of the last move frame published.
     pub last_moves: (u64, u64),
 }
@@ -99,22 +114,23 @@ impl Slot {
             cfg,
             state: SlotState::Connecting,
             link: None,
-            segment: String::new(),
-            child: None,
+            address: String::new(),
+            pid: None,
             generation: 0,
             connecting_since: Instant::now(),
             subscribed: EventSet::default(),
             hello: None,
+            pid_watched: false,
+            opened: false,
             batch: BatchBuilder::with_capacity(8192),
-            overflow: VecDeque::new(),
-            overflow_events: 0,
+            queue: VecDeque::new(),
+            queued_events: 0,
             conflated: HashMap::new(),
             conflated_buf: Vec::new(),
             dirty: false,
             restarts: VecDeque::new(),
             stats: PluginStats::default(),
             slow: false,
-            last_pid_check: Instant::now(),
             last_moves: (0, 0),
         }
     }
@@ -123,65 +139,69 @@ impl Slot {
         self.state == SlotState::Ready
     }
 
-    /// Events not yet delivered: gathered, queued in overflow.
+    /// Events not yet delivered: gathered in the batch, or queued.
     pub fn undelivered(&self) -> u64 {
-        self.batch.len() as u64 + self.overflow_events
+        self.batch.len() as u64 + self.queued_events
     }
 
     /// Forgets everything queued (on disconnect), returning the buffers to the pool.
     pub fn reset_queues(&mut self, pool: &mut BufferPool) {
         self.batch.clear();
-        for (buf, _) in self.overflow.drain(..) {
+        for (buf, _) in self.queue.drain(..) {
             pool.give(buf);
         }
-        self.overflow_events = 0;
+        self.queued_events = 0;
         self.conflated.clear();
         self.dirty = false;
     }
 
-    /// Sends queued overflow frames while they fit. `Ok(true)` when the queue is empty.
-    fn drain_overflow(&mut self, pool: &mut BufferPool) -> Result<bool, LinkError> {
+    /// Sends queued messages while they fit. `Ok(true)` when the queue is empty.
+    fn drain_queue(&mut self, pool: &mut BufferPool) -> Result<bool, LinkError> {
         let Some(link) = self.link.as_mut() else {
             return Err(LinkError::Closed);
         };
-        while let Some((buf, events)) = self.overflow.front() {
-            if !link.try_send_raw(buf)? {
+        while let Some((buf, events)) = self.queue.front() {
+            if !link.try_send(Downstream::Encoded(buf))? {
                 return Ok(false);
             }
             self.stats.events_sent += u64::from(*events);
             self.stats.frames_sent += 1;
-            self.overflow_events -= u64::from(*events);
-            let (buf, _) = self.overflow.pop_front().expect("front exists");
+            self.queued_events -= u64::from(*events);
+            let (buf, _) = self.queue.pop_front().expect("front exists");
             pool.give(buf);
             self.dirty = true;
         }
         Ok(true)
     }
 
-    fn push_overflow(&mut self, buf: Vec<u8>, events: u32, limit: usize) -> SendOutcome {
-        self.overflow.push_back((buf, events));
-        self.overflow_events += u64::from(events);
+    fn enqueue(&mut self, buf: Vec<u8>, events: u32, limit: usize) -> SendOutcome {
+        self.queue.push_back((buf, events));
+        self.queued_events += u64::from(events);
         self.stats.overflowed_frames += 1;
-        if self.overflow.len() > limit {
+        if self.queue.len() > limit {
             SendOutcome::Overflow
         } else {
             SendOutcome::Queued
         }
     }
 
-    /// Writes the gathered batch (after any overflow, to keep order). Never blocks.
+    /// Writes the gathered batch after what is queued; queues it if it does not fit.
     pub fn flush_batch(&mut self, pool: &mut BufferPool, limit: usize) -> Result<SendOutcome, LinkError> {
+        let drained = self.drain_queue(pool)?;
         if self.batch.is_empty() {
-            return Ok(if self.drain_overflow(pool)? {
+            return Ok(if drained {
                 SendOutcome::Sent
             } else {
                 SendOutcome::Queued
             });
         }
         let events = self.batch.len() as u32;
-        if self.drain_overflow(pool)? {
+        if drained {
             let link = self.link.as_mut().ok_or(LinkError::Closed)?;
-            if link.try_send_batch(&self.batch)? {
+            if link.try_send(Downstream::Batch {
+                events,
+                body: self.batch.body(),
+            })? {
                 self.stats.events_sent += u64::from(events);
                 self.stats.frames_sent += 1;
                 self.stats.batches += 1;
@@ -193,7 +213,7 @@ impl Slot {
         }
         let mut buf = pool.take();
         self.batch.drain_into(&mut buf);
-        Ok(self.push_overflow(buf, events, limit))
+        Ok(self.enqueue(buf, events, limit))
     }
 
     /// Appends one encoded event (`body`) to the batch, flushing first if `limits` say so.
@@ -202,33 +222,31 @@ impl Slot {
         body: &[u8],
         limits: &BatchLimits,
         pool: &mut BufferPool,
-        overflow_limit: usize,
+        limit: usize,
     ) -> Result<SendOutcome, LinkError> {
         self.batch.push_encoded(body);
         if self.batch.is_full(limits) {
-            return self.flush_batch(pool, overflow_limit);
+            return self.flush_batch(pool, limit);
         }
         Ok(SendOutcome::Sent)
     }
 
-    /// Sends one event at once, after everything gathered before it.
+    /// Sends one event at once, after everything gathered or queued before it. `body` is its
+    /// encoding when it was encoded for several plugins; `None` encodes it into the link.
     pub fn send_event_now(
         &mut self,
         env: &proto::EventEnvelope,
         body: Option<&[u8]>,
         pool: &mut BufferPool,
-        overflow_limit: usize,
+        limit: usize,
     ) -> Result<SendOutcome, LinkError> {
-        match self.flush_batch(pool, overflow_limit)? {
-            SendOutcome::Sent => {}
-            SendOutcome::Queued | SendOutcome::Overflow => {
-                return Ok(self.queue_event(env, body, pool, overflow_limit));
-            }
+        if let SendOutcome::Queued | SendOutcome::Overflow = self.flush_batch(pool, limit)? {
+            return Ok(self.queue_event(env, body, pool, limit));
         }
         let link = self.link.as_mut().ok_or(LinkError::Closed)?;
         let sent = match body {
-            Some(b) => link.try_send_event_encoded(b)?,
-            None => link.try_send_event(env)?,
+            Some(b) => link.try_send(Downstream::EncodedEvent(b))?,
+            None => link.try_send(Downstream::Event(env))?,
         };
         if sent {
             self.stats.events_sent += 1;
@@ -236,7 +254,7 @@ impl Slot {
             self.dirty = true;
             Ok(SendOutcome::Sent)
         } else {
-            Ok(self.queue_event(env, body, pool, overflow_limit))
+            Ok(self.queue_event(env, body, pool, limit))
         }
     }
 
@@ -245,7 +263,7 @@ impl Slot {
         env: &proto::EventEnvelope,
         body: Option<&[u8]>,
         pool: &mut BufferPool,
-        overflow_limit: usize,
+        limit: usize,
     ) -> SendOutcome {
         let mut buf = pool.take();
         match body {
@@ -256,7 +274,7 @@ impl Slot {
             }
             None => prost::encoding::message::encode(codec::HOST_TO_PLUGIN_EVENT, env, &mut buf),
         }
-        self.push_overflow(buf, 1, overflow_limit)
+        self.enqueue(buf, 1, limit)
     }
 
     /// Sends a control message (hello, shutdown, action result) in order with the events.
@@ -264,41 +282,41 @@ impl Slot {
         &mut self,
         msg: &proto::HostToPlugin,
         pool: &mut BufferPool,
-        overflow_limit: usize,
+        limit: usize,
     ) -> Result<SendOutcome, LinkError> {
-        match self.flush_batch(pool, overflow_limit)? {
-            SendOutcome::Sent => {
-                let link = self.link.as_mut().ok_or(LinkError::Closed)?;
-                if link.try_send_message(msg)? {
-                    self.stats.frames_sent += 1;
-                    self.dirty = true;
-                    return Ok(SendOutcome::Sent);
-                }
+        if let SendOutcome::Sent = self.flush_batch(pool, limit)? {
+            let link = self.link.as_mut().ok_or(LinkError::Closed)?;
+            if link.try_send(Downstream::Message(msg))? {
+                self.stats.frames_sent += 1;
+                self.dirty = true;
+                return Ok(SendOutcome::Sent);
             }
-            SendOutcome::Queued | SendOutcome::Overflow => {}
         }
         let mut buf = pool.take();
         prost::Message::encode_raw(msg, &mut buf);
-        Ok(self.push_overflow(buf, 0, overflow_limit))
+        Ok(self.enqueue(buf, 0, limit))
     }
 
-    /// Delivers this tick's moves, or conflates them (each player's latest record kept) while
-    /// the moves ring is full. Returns the number of records conflated away this time.
+    /// Delivers tick `tick`'s moves after everything sent before them (call after
+    /// [`Slot::flush_batch`]), or conflates them while anything is queued or the link has no
+    /// room. Returns the number of records conflated away this time.
     pub fn send_moves(&mut self, tick: u64, moves: &[MoveRecord]) -> Result<u64, LinkError> {
         let link = self.link.as_mut().ok_or(LinkError::Closed)?;
+        let in_order = self.queue.is_empty();
         if self.conflated.is_empty() {
             if moves.is_empty() {
                 return Ok(0);
             }
-            if link.try_send_moves(tick, 0, moves)? {
-                self.last_moves = (tick, crate::segment::monotonic_ns());
+            if in_order && link.try_send_moves(tick, 0, moves)? {
+                self.last_moves = (tick, crate::clock::monotonic_ns());
                 self.stats.moves_sent += moves.len() as u64;
                 self.stats.frames_sent += 1;
                 self.dirty = true;
                 return Ok(0);
             }
         }
-        // Merge this tick into the pending set: a player's older unsent record is superseded.
+        // Merge this tick into the pending set: a player's older undelivered record is
+        // superseded.
         let mut dropped = 0;
         if self.conflated.capacity() < moves.len() {
             self.conflated.reserve(moves.len());
@@ -308,21 +326,31 @@ impl Slot {
                 dropped += 1;
             }
         }
+        self.stats.moves_conflated += dropped;
+        if !in_order {
+            return Ok(dropped);
+        }
         self.conflated_buf.clear();
         self.conflated_buf.extend(self.conflated.values().copied());
         if link.try_send_moves(tick, FLAG_CONFLATED, &self.conflated_buf)? {
-            self.last_moves = (tick, crate::segment::monotonic_ns());
+            self.last_moves = (tick, crate::clock::monotonic_ns());
             self.stats.moves_sent += self.conflated_buf.len() as u64;
             self.stats.frames_sent += 1;
             self.conflated.clear();
             self.dirty = true;
         }
-        self.stats.moves_conflated += dropped;
         Ok(dropped)
     }
 
-    /// Rings the doorbell if anything was written since the last ring.
-    pub fn ring_if_dirty(&mut self) {
+    /// Forgets a player's undelivered record (it quit): counted as conflated away.
+    pub fn forget_player(&mut self, uuid: &[u8; 16]) {
+        if self.conflated.remove(uuid).is_some() {
+            self.stats.moves_conflated += 1;
+        }
+    }
+
+    /// Wakes the plugin if anything was written since the last wake-up.
+    pub fn wake_if_dirty(&mut self) {
         if self.dirty {
             if let Some(link) = self.link.as_mut() {
                 if link.wake() {

@@ -58,19 +58,19 @@ impl Hist {
 /// Per-plugin counters.
 #[derive(Debug, Clone, Default)]
 pub struct PluginStats {
-    /// Events delivered to the ring.
+    /// Events delivered to the link.
     pub events_sent: u64,
     /// Move records delivered.
     pub moves_sent: u64,
     /// Move records superseded while the plugin lagged (conflated away).
     pub moves_conflated: u64,
-    /// Frames that had to wait in the overflow queue.
+    /// Messages that had to wait in the host's queue for room.
     pub overflowed_frames: u64,
     /// Frames written.
     pub frames_sent: u64,
     /// Batch frames written.
     pub batches: u64,
-    /// Doorbell rings that woke the plugin.
+    /// Wake-ups sent to a sleeping plugin.
     pub wakeups: u64,
     /// Event results received in time.
     pub replies: u64,
@@ -103,9 +103,12 @@ pub struct HostStats {
     pub moves_offered: u64,
     /// Actions received from plugins.
     pub actions: u64,
+    /// Plugin log lines dropped from the host's queue because nobody drained it (they still
+    /// went to the `tracing` log).
+    pub logs_dropped: u64,
     /// Encode time per event, ns.
     pub encode_ns: Hist,
-    /// Host-side cost of `end_tick` (flush, moves, doorbells), ns.
+    /// Host-side cost of `end_tick` (flush, moves, wake-ups), ns.
     pub end_tick_ns: Hist,
 }
 
@@ -118,6 +121,7 @@ impl Default for HostStats {
             encoded: 0,
             moves_offered: 0,
             actions: 0,
+            logs_dropped: 0,
             encode_ns: Hist::default(),
             end_tick_ns: Hist::default(),
         }

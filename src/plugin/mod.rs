@@ -36,15 +36,13 @@ pub use cadence::Cadence;
 pub use context::{Context, QueryCallback, Reply};
 
 use crate::codec::{DecodeError, HostDecoder, HostMessage};
-use crate::fastpath::MoveRecord;
-use crate::host::{ENV_PLUGIN_ID, ENV_SEGMENT};
+use crate::fastpath::{MoveFrameHeader, MoveRecord};
+use crate::host::{ENV_DF_PLUGIN_ID, ENV_PLUGIN_ID};
 use crate::proto::{
     self, ActionResult, CommandSpec, EventEnvelope, EventSubscribe, EventType, HostHello, PluginHello, host_to_plugin,
     plugin_to_host,
 };
-use crate::segment::SegmentOpenError;
-use crate::transport::shm::ShmPluginLink;
-use crate::transport::{HostState, Incoming, LinkError, PluginLink};
+use crate::transport::{self, ConnectError, ENV_ADDRESS, HostState, Incoming, LinkError, PluginLink};
 use context::{OUTBOX_LIMIT, Outbox};
 
 /// What a plugin does with what arrives. Every method has a default, so a handler implements
@@ -54,9 +52,12 @@ pub trait Handler {
     fn on_start(&mut self, ctx: &mut Context<'_>, hello: &HostHello) {
         let _ = (ctx, hello);
     }
-    /// A tick's moves, lent in place from shared memory (no copy). `tick` is the host's tick.
-    fn on_moves(&mut self, ctx: &mut Context<'_>, tick: u64, moves: &[MoveRecord]) {
-        let _ = (ctx, tick, moves);
+    /// A tick's moves, lent in place (from shared memory: no copy). `frame.tick` is the host's
+    /// tick; [`MoveFrameHeader::is_conflated`] says the plugin lagged and the records are each
+    /// player's latest position over several ticks (some skipped), and
+    /// [`MoveFrameHeader::continues`] that the tick's records go on in the next call.
+    fn on_moves(&mut self, ctx: &mut Context<'_>, frame: MoveFrameHeader, moves: &[MoveRecord]) {
+        let _ = (ctx, frame, moves);
     }
     /// One event. For an event that expects a response, the reply is sent to the host.
     fn on_event(&mut self, ctx: &mut Context<'_>, event: &EventEnvelope) -> Reply {
@@ -147,11 +148,11 @@ impl std::str::FromStr for WaitStrategy {
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     /// A required environment variable is missing.
-    #[error("{0} is not set: start this plugin from a plugbus host, or set it to the segment name the host printed")]
+    #[error("{0} is not set: start this plugin from a plugbus host, or set it to the address the host printed")]
     MissingEnv(&'static str),
-    /// The segment could not be opened (wrong layout version, not found, ...).
-    #[error("cannot attach: {0}")]
-    Segment(#[from] SegmentOpenError),
+    /// The link could not be opened (nothing at the address, another version, ...).
+    #[error("cannot connect: {0}")]
+    Connect(#[from] ConnectError),
     /// The host refused the handshake.
     #[error("the host refused this plugin: {0}")]
     Refused(String),
@@ -167,7 +168,8 @@ pub enum PluginError {
     /// The link broke.
     #[error("link failure: {0}")]
     Link(#[from] LinkError),
-    /// The segment was truncated under this plugin (it survived: the pages read zeros now).
+    /// The link's medium failed under this plugin (for shared memory: the segment was
+    /// truncated; the plugin survived, the pages read zeros now).
     #[error("{0}")]
     Broken(&'static str),
     /// The host sent bytes that do not decode.
@@ -181,7 +183,7 @@ pub enum PluginError {
 /// Builds a plugin connection: identity, commands, subscriptions, wait strategy.
 #[derive(Debug, Clone)]
 pub struct PluginBuilder {
-    segment: String,
+    address: String,
     plugin_id: String,
     hello: PluginHello,
     subscriptions: Vec<EventType>,
@@ -239,10 +241,15 @@ impl PluginBuilder {
         self
     }
 
-    /// Attaches, sends the hello and subscriptions, and waits for `HostHello`.
+    /// Connects to its address, sends the hello and subscriptions, and waits for `HostHello`.
     pub fn connect(self) -> Result<Plugin, PluginError> {
-        let link = ShmPluginLink::open(&self.segment)?;
+        let link = transport::connect(&self.address)?;
         Plugin::handshake(link, self)
+    }
+
+    /// The address it connects to.
+    pub fn address(&self) -> &str {
+        &self.address
     }
 
     /// Connects and runs `handler` until the host shuts down (`Ok`) or fails (`Err`).
@@ -265,7 +272,7 @@ pub struct PluginCounters {
 }
 
 /// A connected plugin.
-pub struct Plugin<L: PluginLink = ShmPluginLink> {
+pub struct Plugin<L: PluginLink = Box<dyn PluginLink>> {
     link: L,
     wait: WaitStrategy,
     decoder: HostDecoder,
@@ -290,19 +297,22 @@ impl<L: PluginLink> std::fmt::Debug for Plugin<L> {
 }
 
 impl Plugin {
-    /// A builder from `PLUGBUS_SEGMENT` and `PLUGBUS_PLUGIN_ID` (set by the host).
+    /// A builder from the environment the host gives a plugin it launches: the address
+    /// (`PLUGBUS_ADDRESS`, or a transport's own variable) and the id (`PLUGBUS_PLUGIN_ID`, or
+    /// the df.plugin ecosystem's `DF_PLUGIN_ID`).
     pub fn from_env() -> Result<PluginBuilder, PluginError> {
-        let segment = std::env::var(ENV_SEGMENT).map_err(|_| PluginError::MissingEnv(ENV_SEGMENT))?;
+        let address = transport::address_from_env().ok_or(PluginError::MissingEnv(ENV_ADDRESS))?;
         let plugin_id = std::env::var(ENV_PLUGIN_ID)
-            .or_else(|_| std::env::var(crate::host::ENV_DF_PLUGIN_ID))
+            .or_else(|_| std::env::var(ENV_DF_PLUGIN_ID))
             .map_err(|_| PluginError::MissingEnv(ENV_PLUGIN_ID))?;
-        Ok(Self::builder(&segment, &plugin_id))
+        Ok(Self::builder(&address, &plugin_id))
     }
 
-    /// A builder for segment `segment` as plugin `plugin_id`.
-    pub fn builder(segment: &str, plugin_id: &str) -> PluginBuilder {
+    /// A builder for the link at `address` (any transport's, e.g. `shm:plugbus.x.1`) as plugin
+    /// `plugin_id`.
+    pub fn builder(address: &str, plugin_id: &str) -> PluginBuilder {
         PluginBuilder {
-            segment: segment.to_owned(),
+            address: address.to_owned(),
             plugin_id: plugin_id.to_owned(),
             hello: PluginHello {
                 name: plugin_id.to_owned(),
@@ -426,7 +436,7 @@ impl<L: PluginLink> Plugin<L> {
         self.out.flush_actions();
         let mut sent = false;
         while let Some(buf) = self.out.frames.front() {
-            if !self.link.try_send_raw(buf)? {
+            if !self.link.try_send_encoded(buf)? {
                 break;
             }
             let buf = self.out.frames.pop_front().expect("front exists");
@@ -445,7 +455,7 @@ impl<L: PluginLink> Plugin<L> {
     /// Handles everything that has arrived (bounded), sends replies, beats the heartbeat.
     /// Returns how many items (frames) were handled. Never blocks.
     pub fn poll<H: Handler + ?Sized>(&mut self, handler: &mut H) -> Result<usize, PluginError> {
-        if let Some(why) = self.link.broken() {
+        if let Some(why) = self.link.failure() {
             return Err(PluginError::Broken(why));
         }
         let Self {
@@ -468,7 +478,7 @@ impl<L: PluginLink> Plugin<L> {
                 };
                 counters.move_frames += 1;
                 counters.moves += records.len() as u64;
-                handler.on_moves(&mut ctx, header.tick, records);
+                handler.on_moves(&mut ctx, header, records);
             }
             Incoming::Host(bytes) => {
                 let r = decoder.decode_raw(bytes, |m, raw| match m {
@@ -552,7 +562,7 @@ impl<L: PluginLink> Plugin<L> {
                 let mut ctx = self.context();
                 handler.on_idle(&mut ctx);
                 self.flush()?;
-                if let Some(why) = self.link.broken() {
+                if let Some(why) = self.link.failure() {
                     return Err(PluginError::Broken(why));
                 }
                 match self.link.host_state() {

@@ -84,6 +84,13 @@ impl Doorbell {
         self.cancel_sleep();
     }
 
+    /// The futex word and the value it holds while the consumer sleeps: for a consumer that
+    /// waits on several doorbells at once (`prepare_sleep` on each, re-check, then
+    /// [`crate::sync::wait_any`], then `cancel_sleep` on each).
+    pub fn sleep_word(&self) -> (&FutexWord, u32) {
+        (&self.word, SLEEPING)
+    }
+
     /// Whether the consumer has announced sleep (for metrics and inspection).
     pub fn is_sleeping(&self) -> bool {
         self.word.load(Ordering::Relaxed) == SLEEPING

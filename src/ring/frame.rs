@@ -193,6 +193,14 @@ impl Producer {
         Ok((self.tail - self.cached_head) as usize)
     }
 
+    /// Whether `bytes` bytes are free (refreshes the consumer's head only if the cache says
+    /// fewer). A frame with a `len`-byte payload needs `frame_size(len)` bytes, plus padding
+    /// when it would cross the end of the ring (never for an empty payload).
+    #[inline]
+    pub fn has_room(&mut self, bytes: usize) -> Result<bool, RingError> {
+        Ok(self.free(bytes as u64)? >= bytes as u64)
+    }
+
     /// Free bytes, refreshing `head` if fewer than `want` are known free.
     #[inline]
     fn free(&mut self, want: u64) -> Result<u64, RingError> {

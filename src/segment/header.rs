@@ -18,8 +18,9 @@ use crate::sync::{AtomicU32, AtomicU64};
 
 /// `b"PLUGBUS\x01"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"PLUGBUS\x01");
-/// Version of this header layout and of the ring layouts. Bumped on any incompatible change.
-pub const LAYOUT_VERSION: u32 = 1;
+/// Version of this header layout and of the ring layouts and protocols. Bumped on any
+/// incompatible change (2: the control ring announces each move frame with a marker).
+pub const LAYOUT_VERSION: u32 = 2;
 /// Most rings one segment may hold.
 pub const MAX_RINGS: usize = 4;
 /// Bytes of the free-text tag (the plugin id, for `plugbus inspect`).
@@ -38,6 +39,15 @@ pub enum RingKind {
 }
 
 impl RingKind {
+    /// Data bytes of a ring of this kind with `capacity` units of `unit` bytes (a frame ring's
+    /// capacity already counts bytes), or `None` on overflow.
+    pub fn data_bytes(self, capacity: u64, unit: u32) -> Option<u64> {
+        match self {
+            Self::Record => capacity.checked_mul(u64::from(unit)),
+            Self::Frame => Some(capacity),
+        }
+    }
+
     /// Decodes a stored kind.
     pub fn from_u32(v: u32) -> Option<Self> {
         match v {
@@ -60,6 +70,18 @@ pub struct RingDesc {
     pub unit: u32,
     /// [`RingKind`] as u32.
     pub kind: u32,
+}
+
+impl RingDesc {
+    /// Data bytes of the ring (0 for an unknown kind or on overflow; [`Segment::open`]
+    /// refuses those).
+    ///
+    /// [`Segment::open`]: crate::segment::Segment::open
+    pub fn data_bytes(&self) -> u64 {
+        RingKind::from_u32(self.kind)
+            .and_then(|k| k.data_bytes(self.capacity, self.unit))
+            .unwrap_or(0)
+    }
 }
 
 /// Fields written once by the creator before `magic` is published.

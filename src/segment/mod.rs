@@ -72,8 +72,8 @@ impl RingSpec {
     }
 
     fn region_len(&self) -> Option<u64> {
-        self.capacity
-            .checked_mul(u64::from(self.unit))?
+        self.kind
+            .data_bytes(self.capacity, self.unit)?
             .checked_add(CONTROL_SIZE as u64)
     }
 }
@@ -256,13 +256,8 @@ pub fn unique_name(tag: &str) -> String {
     format!("{PREFIX}{}.{tag}.{n}", std::process::id())
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock heartbeats use (the same in every process).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+/// The clock heartbeats use (see [`crate::clock`]).
+pub use crate::clock::monotonic_ns;
 
 /// Maps a segment's file shared, with every page faulted in now (`MAP_POPULATE`): the creator
 /// and the attacher both map this way, so neither pays page faults on its first ticks.
@@ -496,7 +491,7 @@ impl Segment {
     /// The region of ring `index` (control block and data), or `None` if there is no such ring.
     pub fn ring_region(&self, index: usize) -> Option<RegionRef> {
         let d = self.rings.get(index)?;
-        let len = d.capacity * u64::from(d.unit) + CONTROL_SIZE as u64;
+        let len = d.data_bytes() + CONTROL_SIZE as u64;
         let base = NonNull::new(self.map.map.as_mut_ptr())?;
         let owner: Arc<dyn Send + Sync> = self.map.clone();
         // SAFETY: the mapping lives as long as `owner` (an Arc of it); its bytes are accessed only
@@ -678,9 +673,8 @@ fn validate(h: &Header, name: &str, actual: u64) -> Result<Vec<RingDesc>, Segmen
         if d.offset % LINE as u64 != 0 || d.offset < std::mem::size_of::<Header>() as u64 {
             return Err(corrupt(format!("ring {i} offset {} is misplaced", d.offset)));
         }
-        let end = d
-            .capacity
-            .checked_mul(u64::from(d.unit))
+        let end = kind
+            .data_bytes(d.capacity, d.unit)
             .and_then(|b| b.checked_add(CONTROL_SIZE as u64))
             .and_then(|b| b.checked_add(d.offset));
         match end {
@@ -698,7 +692,7 @@ fn validate(h: &Header, name: &str, actual: u64) -> Result<Vec<RingDesc>, Segmen
     let mut sorted = rings.clone();
     sorted.sort_by_key(|d| d.offset);
     for w in sorted.windows(2) {
-        let end = w[0].offset + w[0].capacity * u64::from(w[0].unit) + CONTROL_SIZE as u64;
+        let end = w[0].offset + w[0].data_bytes() + CONTROL_SIZE as u64;
         if end > w[1].offset {
             return Err(corrupt(format!("rings at {} and {} overlap", w[0].offset, w[1].offset)));
         }

@@ -1,20 +1,43 @@
-//! The shared-memory adapter: one segment per plugin.
+//! The shared-memory adapter: one segment per plugin, three frame rings, two doorbells.
 //!
-//! Ring 0 carries moves (host -> plugin, move frames), ring 1 control (host -> plugin,
-//! `HostToPlugin` frames), ring 2 replies (plugin -> host, `PluginToHost` frames). The plugin
+//! Ring 0 carries moves (host to plugin, packed move frames), ring 1 control (host to plugin,
+//! `HostToPlugin` frames), ring 2 replies (plugin to host, `PluginToHost` frames). The plugin
 //! sleeps on the header's `to_attacher` doorbell, the host on `to_creator`.
+//!
+//! **One ordered stream over two rings.** The control ring is the stream: each move frame
+//! written to the moves ring is announced by a marker frame ([`KIND_MOVES_MARK`], no payload)
+//! in the control ring, written after it. The plugin reads the control ring only and, at a
+//! marker, takes the next frame of the moves ring. The moves frame's tail store comes before
+//! the marker's (program order, both Release), so a plugin that sees the marker (Acquire on the
+//! control tail) sees the frame: `loom-tests/` checks this. The plugin thus gets every item in
+//! the order the host wrote it, while moves keep their own ring and size.
+//!
+//! The adapter owns everything about shared memory: segment names (`plugbus.<pid>.<id>.<n>`,
+//! or the fixed name of an attach-mode plugin), creation, the removal of segments whose host
+//! died ([`ShmAcceptor`]'s `clean_stale`), unlinking (when the host's link is dropped), and the
+//! [`ENV_SEGMENT`] variable that plugins started by hand may use instead of the address.
 
 use std::time::Duration;
 
-use crate::codec::{self, BatchBuilder, KIND_HOST_TO_PLUGIN, KIND_PLUGIN_TO_HOST};
+use crate::codec::{self, KIND_HOST_TO_PLUGIN, KIND_PLUGIN_TO_HOST};
 use crate::fastpath::{self, KIND_MOVES, MoveRecord};
-use crate::proto::{EventEnvelope, HostToPlugin, PluginToHost};
-use crate::ring::frame;
+use crate::proto::PluginToHost;
+use crate::ring::frame::{self, ReserveError};
+use crate::ring::{RingError, RingLayoutError};
 use crate::segment::header::{STATE_DETACHED, STATE_SHUTDOWN};
 use crate::segment::{self, RingSpec, Segment, SegmentCreateError, SegmentOpenError, stale};
-use crate::sync::Ordering;
+use crate::sync::{FutexWord, Ordering};
 
-use super::{HostLink, HostState, Incoming, LinkCounters, LinkError, Occupancy, PeerHealth, PluginLink};
+use super::{
+    Acceptor, ConnectError, Connector, Downstream, ENV_ADDRESS, HostLink, HostState, Incoming, LinkCounters, LinkError,
+    LinkRequest, Occupancy, OpenError, OpenedLink, PeerHealth, PluginLink, QueueSizes,
+};
+
+/// The transport's name and address scheme.
+pub const SCHEME: &str = "shm";
+/// The variable a plugin started by hand may set to the segment name instead of
+/// [`ENV_ADDRESS`].
+pub const ENV_SEGMENT: &str = "PLUGBUS_SEGMENT";
 
 /// Ring index of the moves ring.
 pub const RING_MOVES: usize = 0;
@@ -22,6 +45,11 @@ pub const RING_MOVES: usize = 0;
 pub const RING_CONTROL: usize = 1;
 /// Ring index of the replies ring.
 pub const RING_REPLIES: usize = 2;
+
+/// Control-ring frame kind: the next frame of the moves ring comes here in the stream.
+pub const KIND_MOVES_MARK: u32 = 4;
+/// Space a marker takes in the control ring (an empty frame never needs padding).
+const MARK_SIZE: usize = frame::frame_size(0);
 
 /// Creator counter slots (see [`crate::segment::header::Header::creator_counters`]).
 pub mod counters {
@@ -31,7 +59,7 @@ pub mod counters {
     pub const MOVES: usize = 1;
     /// Move records conflated.
     pub const CONFLATED: usize = 2;
-    /// Frames through the overflow queue.
+    /// Frames that waited in the host's queue.
     pub const OVERFLOWED: usize = 3;
     /// Frames delivered.
     pub const FRAMES: usize = 4;
@@ -43,41 +71,197 @@ pub mod counters {
     pub const PLUGIN_REPLIES: usize = 2;
 }
 
-/// Ring sizes of a plugin segment, in data bytes (each a power of two).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RingSizes {
-    /// Moves ring (default 4 MiB: eight ticks of 10,000 players).
-    pub moves: u64,
-    /// Control ring (default 1 MiB).
-    pub control: u64,
-    /// Replies ring (default 256 KiB).
-    pub replies: u64,
+fn specs(q: &QueueSizes) -> [RingSpec; 3] {
+    [
+        RingSpec::frames(q.moves),
+        RingSpec::frames(q.control),
+        RingSpec::frames(q.replies),
+    ]
 }
 
-impl Default for RingSizes {
-    fn default() -> Self {
-        Self {
-            moves: 4 << 20,
-            control: 1 << 20,
-            replies: 256 << 10,
+/// A segment name from an address without its scheme (`plugbus.x`), checked.
+fn segment_name(address: &str) -> Result<&str, String> {
+    if segment::valid_name(address) {
+        Ok(address)
+    } else {
+        Err(format!(
+            "{address:?} is not a segment name (\"{}\" then up to {} characters of A-Z a-z 0-9 . _ -)",
+            segment::PREFIX,
+            segment::MAX_NAME - segment::PREFIX.len()
+        ))
+    }
+}
+
+/// What the host says when the plugin truncated the segment.
+const TRUNCATED_BY_PLUGIN: &str = "the plugin truncated its shared-memory segment";
+/// What the plugin says when the segment was truncated under it.
+const TRUNCATED_UNDER_PLUGIN: &str = "the host's shared-memory segment was truncated";
+
+fn ring_error(e: RingError, segment: &Segment, truncated: &str) -> LinkError {
+    // A truncated segment shows up first as a broken ring: name the real cause.
+    if segment.is_broken() {
+        LinkError::Broken(format!("{truncated} ({e})"))
+    } else {
+        LinkError::Protocol(e.to_string())
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The stream over two rings (the adapter's protocol; `loom-tests/` checks it as it is here)
+// ------------------------------------------------------------------------------------------
+
+/// Why the stream failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamError {
+    /// A ring broke its protocol.
+    Ring(RingError),
+    /// A frame is not what the stream allows at its place.
+    Protocol(String),
+    /// A tick's records can never fit the moves ring.
+    TooLarge {
+        /// Bytes needed.
+        len: usize,
+        /// Largest frame.
+        max: usize,
+    },
+}
+
+impl StreamError {
+    fn into_link_error(self, segment: &Segment, truncated: &str) -> LinkError {
+        match self {
+            StreamError::Ring(e) => ring_error(e, segment, truncated),
+            StreamError::Protocol(p) => LinkError::Protocol(p),
+            StreamError::TooLarge { len, max } => LinkError::TooLarge { len, max },
         }
     }
 }
 
-impl RingSizes {
-    fn specs(&self) -> [RingSpec; 3] {
-        [
-            RingSpec::frames(self.moves),
-            RingSpec::frames(self.control),
-            RingSpec::frames(self.replies),
-        ]
+/// Host side: writes a tick's move frames into `moves`, then a marker for each into `control`,
+/// all or nothing. `Ok(false)`: no room now in one of the rings (nothing written).
+pub fn send_moves(
+    moves: &mut frame::Producer,
+    control: &mut frame::Producer,
+    tick: u64,
+    flags: u32,
+    records: &[MoveRecord],
+) -> Result<bool, StreamError> {
+    // Room for every marker first: once the move frames are in, their markers must follow.
+    let frames = records
+        .len()
+        .div_ceil(fastpath::max_records_per_frame(moves).max(1))
+        .max(1);
+    if !control.has_room(frames * MARK_SIZE).map_err(StreamError::Ring)? {
+        return Ok(false);
+    }
+    let written = match fastpath::write_frame(moves, tick, flags, records) {
+        Ok(n) => n,
+        Err(ReserveError::Full { .. }) => return Ok(false),
+        Err(ReserveError::TooLarge { len, max }) => return Err(StreamError::TooLarge { len, max }),
+        Err(ReserveError::Broken(e)) => return Err(StreamError::Ring(e)),
+        Err(ReserveError::ReservedKind(k)) => return Err(StreamError::Protocol(format!("reserved kind {k}"))),
+    };
+    for _ in 0..written {
+        // The marker's commit (a Release store of the control tail) comes after the move
+        // frame's own Release commit: a plugin that acquires the marker sees the frame.
+        control.try_push(KIND_MOVES_MARK, &[]).map_err(|e| match e {
+            ReserveError::Broken(e) => StreamError::Ring(e),
+            // Checked above, and only the plugin frees space.
+            other => StreamError::Protocol(format!("the control ring refused a marker it had room for: {other}")),
+        })?;
+    }
+    Ok(true)
+}
+
+/// Plugin side: hands up to `max` items to `f` in the order the host wrote them: the control
+/// ring's messages, and at each marker the next frame of the moves ring.
+pub fn poll_stream(
+    moves: &mut frame::Consumer,
+    control: &mut frame::Consumer,
+    max: usize,
+    f: &mut dyn FnMut(Incoming<'_>),
+) -> Result<usize, StreamError> {
+    let mut n = 0;
+    while n < max {
+        let Some(frame) = control.try_read().map_err(StreamError::Ring)? else {
+            break;
+        };
+        match frame.kind() {
+            KIND_HOST_TO_PLUGIN => f(Incoming::Host(frame.payload())),
+            KIND_MOVES_MARK => {
+                // Acquiring the marker (in try_read) made the move frame written before it
+                // visible: it must be there.
+                let Some(m) = moves.try_read().map_err(StreamError::Ring)? else {
+                    return Err(StreamError::Protocol(
+                        "a moves marker with no frame in the moves ring".into(),
+                    ));
+                };
+                if m.kind() != KIND_MOVES {
+                    return Err(StreamError::Protocol(format!(
+                        "frame of kind {} on the moves ring",
+                        m.kind()
+                    )));
+                }
+                let (header, records) =
+                    fastpath::parse(m.payload()).map_err(|e| StreamError::Protocol(e.to_string()))?;
+                f(Incoming::Moves { header, records });
+            }
+            k => return Err(StreamError::Protocol(format!("frame of kind {k} on the control ring"))),
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+// ------------------------------------------------------------------------------------------
+// Host side
+// ------------------------------------------------------------------------------------------
+
+/// Makes shared-memory links for the host.
+#[derive(Debug, Default)]
+pub struct ShmAcceptor;
+
+impl Acceptor for ShmAcceptor {
+    fn name(&self) -> &'static str {
+        SCHEME
+    }
+
+    fn clean_stale(&mut self) -> Vec<String> {
+        match stale::remove_stale() {
+            Ok(removed) => removed,
+            Err(e) => {
+                tracing::warn!("cannot scan for stale plugbus segments: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn open(&mut self, request: &LinkRequest<'_>) -> Result<OpenedLink, OpenError> {
+        let name = match request.address {
+            Some(a) => {
+                let a = a.strip_prefix("shm:").unwrap_or(a);
+                let name = segment_name(a).map_err(OpenError)?;
+                // A fixed name left behind by an earlier run of this host, or by the previous
+                // incarnation of this plugin: remove it.
+                let _ = Segment::unlink(name);
+                name.to_owned()
+            }
+            None => segment::unique_name(request.plugin_id),
+        };
+        let link = ShmHostLink::create(&name, request.plugin_id, request.queues)
+            .map_err(|e| OpenError(format!("cannot create its segment: {e}")))?;
+        let address = format!("{SCHEME}:{name}");
+        Ok(OpenedLink {
+            link: Box::new(link),
+            env: vec![(ENV_ADDRESS.to_owned(), address.clone())],
+            address,
+        })
     }
 }
 
 /// The host's end of a shared-memory link.
 pub struct ShmHostLink {
     segment: Segment,
+    address: String,
     moves: frame::Producer,
     control: frame::Producer,
     replies: frame::Consumer,
@@ -85,25 +269,26 @@ pub struct ShmHostLink {
 
 impl std::fmt::Debug for ShmHostLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShmHostLink")
-            .field("segment", &self.segment.name())
-            .finish()
+        f.debug_struct("ShmHostLink").field("address", &self.address).finish()
     }
 }
 
 impl ShmHostLink {
     /// Creates the segment `name` for plugin `plugin_id` and attaches the host's ends.
-    pub fn create(name: &str, plugin_id: &str, sizes: &RingSizes) -> Result<Self, SegmentCreateError> {
-        let segment = Segment::create(name, plugin_id, &sizes.specs())?;
+    pub fn create(name: &str, plugin_id: &str, sizes: &QueueSizes) -> Result<Self, SegmentCreateError> {
+        let segment = Segment::create(name, plugin_id, &specs(sizes))?;
         let ring = |i| segment.ring_region(i).expect("segment has three rings");
-        let bad = |e: crate::ring::RingLayoutError| SegmentCreateError::BadRing {
-            index: 0,
-            reason: e.to_string(),
+        let bad = |index: usize| {
+            move |e: RingLayoutError| SegmentCreateError::BadRing {
+                index,
+                reason: e.to_string(),
+            }
         };
         Ok(Self {
-            moves: frame::Producer::attach(ring(RING_MOVES)).map_err(bad)?,
-            control: frame::Producer::attach(ring(RING_CONTROL)).map_err(bad)?,
-            replies: frame::Consumer::attach(ring(RING_REPLIES)).map_err(bad)?,
+            moves: frame::Producer::attach(ring(RING_MOVES)).map_err(bad(RING_MOVES))?,
+            control: frame::Producer::attach(ring(RING_CONTROL)).map_err(bad(RING_CONTROL))?,
+            replies: frame::Consumer::attach(ring(RING_REPLIES)).map_err(bad(RING_REPLIES))?,
+            address: format!("{SCHEME}:{name}"),
             segment,
         })
     }
@@ -112,72 +297,49 @@ impl ShmHostLink {
     pub fn segment(&self) -> &Segment {
         &self.segment
     }
+
+    fn reserve_error(&self, e: ReserveError) -> Result<bool, LinkError> {
+        match e {
+            ReserveError::Full { .. } => Ok(false),
+            ReserveError::TooLarge { len, max } => Err(LinkError::TooLarge { len, max }),
+            ReserveError::ReservedKind(k) => Err(LinkError::Protocol(format!("reserved frame kind {k}"))),
+            ReserveError::Broken(e) => Err(ring_error(e, &self.segment, TRUNCATED_BY_PLUGIN)),
+        }
+    }
 }
 
 impl HostLink for ShmHostLink {
-    fn try_send_moves(&mut self, tick: u64, flags: u32, moves: &[MoveRecord]) -> Result<bool, LinkError> {
-        match fastpath::write_frame(&mut self.moves, tick, flags, moves) {
-            Ok(_) => Ok(true),
-            Err(e) => LinkError::from_reserve(e),
-        }
+    fn try_send_moves(&mut self, tick: u64, flags: u32, records: &[MoveRecord]) -> Result<bool, LinkError> {
+        send_moves(&mut self.moves, &mut self.control, tick, flags, records)
+            .map_err(|e| e.into_link_error(&self.segment, TRUNCATED_BY_PLUGIN))
     }
 
-    fn try_send_event(&mut self, env: &EventEnvelope) -> Result<bool, LinkError> {
-        match codec::encode_event_in_ring(&mut self.control, env) {
-            Ok(_) => Ok(true),
-            Err(codec::EncodeError::Ring(e)) => LinkError::from_reserve(e),
-        }
-    }
-
-    fn try_send_event_encoded(&mut self, body: &[u8]) -> Result<bool, LinkError> {
-        match codec::write_field_frame(
-            &mut self.control,
-            KIND_HOST_TO_PLUGIN,
-            codec::HOST_TO_PLUGIN_EVENT,
-            body,
-        ) {
-            Ok(()) => Ok(true),
-            Err(e) => LinkError::from_reserve(e),
-        }
-    }
-
-    fn try_send_batch(&mut self, batch: &BatchBuilder) -> Result<bool, LinkError> {
-        let mut grant = match self.control.try_reserve(batch.frame_len()) {
-            Ok(g) => g,
-            Err(e) => return LinkError::from_reserve(e),
+    fn try_send(&mut self, item: Downstream<'_>) -> Result<bool, LinkError> {
+        let r = match item {
+            Downstream::Event(env) => codec::encode_event_in_ring(&mut self.control, env)
+                .map(drop)
+                .map_err(|codec::EncodeError::Ring(e)| e),
+            Downstream::EncodedEvent(body) => codec::write_field_frame(
+                &mut self.control,
+                KIND_HOST_TO_PLUGIN,
+                codec::HOST_TO_PLUGIN_EVENT,
+                body,
+            ),
+            Downstream::Batch { body, .. } => codec::write_field_frame(
+                &mut self.control,
+                KIND_HOST_TO_PLUGIN,
+                codec::HOST_TO_PLUGIN_EVENTS,
+                body,
+            ),
+            Downstream::Message(msg) => codec::encode_in_ring(&mut self.control, KIND_HOST_TO_PLUGIN, msg)
+                .map(drop)
+                .map_err(|codec::EncodeError::Ring(e)| e),
+            Downstream::Encoded(payload) => self.control.try_push(KIND_HOST_TO_PLUGIN, payload),
         };
-        batch.write_payload(grant.bytes_mut());
-        grant.commit(KIND_HOST_TO_PLUGIN);
-        Ok(true)
-    }
-
-    fn try_send_raw(&mut self, payload: &[u8]) -> Result<bool, LinkError> {
-        match self.control.try_push(KIND_HOST_TO_PLUGIN, payload) {
+        match r {
             Ok(()) => Ok(true),
-            Err(e) => LinkError::from_reserve(e),
+            Err(e) => self.reserve_error(e),
         }
-    }
-
-    fn try_send_message(&mut self, msg: &HostToPlugin) -> Result<bool, LinkError> {
-        match codec::encode_in_ring(&mut self.control, KIND_HOST_TO_PLUGIN, msg) {
-            Ok(_) => Ok(true),
-            Err(codec::EncodeError::Ring(e)) => LinkError::from_reserve(e),
-        }
-    }
-
-    fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, LinkError> {
-        let mut n = 0;
-        while n < max {
-            let Some(frame) = self.replies.try_read()? else {
-                break;
-            };
-            if frame.kind() != KIND_PLUGIN_TO_HOST {
-                return Err(LinkError::BadKind(frame.kind()));
-            }
-            f(frame.payload());
-            n += 1;
-        }
-        Ok(n)
     }
 
     #[inline]
@@ -185,17 +347,50 @@ impl HostLink for ShmHostLink {
         self.segment.header().to_attacher.ring()
     }
 
-    fn park(&mut self, timeout: Duration) -> Result<(), LinkError> {
+    fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, LinkError> {
+        let mut n = 0;
+        while n < max {
+            let frame = match self.replies.try_read() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => return Err(ring_error(e, &self.segment, TRUNCATED_BY_PLUGIN)),
+            };
+            if frame.kind() != KIND_PLUGIN_TO_HOST {
+                return Err(LinkError::Protocol(format!(
+                    "frame of kind {} on the replies ring",
+                    frame.kind()
+                )));
+            }
+            f(frame.payload());
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn prepare_wait(&mut self) -> Result<bool, LinkError> {
         // The doorbell protocol (ring/doorbell.rs), host side: announce, re-check, sleep. The
-        // plugin rings `to_creator` after every send (`wake_host`).
+        // plugin rings `to_creator` after its sends (`wake_host`).
         let bell = &self.segment.header().to_creator;
         bell.prepare_sleep();
-        if !self.replies.is_empty()? {
-            bell.cancel_sleep();
-            return Ok(());
+        match self.replies.is_empty() {
+            Ok(true) => Ok(true),
+            Ok(false) => {
+                bell.cancel_sleep();
+                Ok(false)
+            }
+            Err(e) => {
+                bell.cancel_sleep();
+                Err(ring_error(e, &self.segment, TRUNCATED_BY_PLUGIN))
+            }
         }
-        bell.sleep(Some(timeout));
-        Ok(())
+    }
+
+    fn wait_word(&self) -> (&FutexWord, u32) {
+        self.segment.header().to_creator.sleep_word()
+    }
+
+    fn finish_wait(&mut self) {
+        self.segment.header().to_creator.cancel_sleep();
     }
 
     fn heartbeat(&mut self) {
@@ -203,32 +398,32 @@ impl HostLink for ShmHostLink {
     }
 
     fn peer(&self) -> PeerHealth {
-        let pid = self.segment.header().shared.attacher_pid.load(Ordering::Acquire);
         PeerHealth {
             heartbeat_age_ns: self.segment.peer_heartbeat_age_ns(),
-            pid,
+            pid: self.segment.header().shared.attacher_pid.load(Ordering::Acquire),
         }
     }
 
-    fn peer_alive(&self) -> bool {
-        let pid = self.segment.header().shared.attacher_pid.load(Ordering::Acquire);
-        pid != 0 && stale::pid_alive(pid, 0)
-    }
-
     fn occupancy(&mut self) -> Result<Occupancy, LinkError> {
+        let moves = self
+            .moves
+            .used()
+            .map_err(|e| ring_error(e, &self.segment, TRUNCATED_BY_PLUGIN))?;
+        let control = self
+            .control
+            .used()
+            .map_err(|e| ring_error(e, &self.segment, TRUNCATED_BY_PLUGIN))?;
         Ok(Occupancy {
-            moves: self.moves.used()? as f64 / self.moves.capacity() as f64,
-            control: self.control.used()? as f64 / self.control.capacity() as f64,
+            moves: moves as f64 / self.moves.capacity() as f64,
+            control: control as f64 / self.control.capacity() as f64,
         })
     }
 
-    fn broken(&self) -> Option<&'static str> {
-        self.segment
-            .is_broken()
-            .then_some("the plugin truncated its shared-memory segment")
+    fn failure(&self) -> Option<&'static str> {
+        self.segment.is_broken().then_some(TRUNCATED_BY_PLUGIN)
     }
 
-    fn signal_shutdown(&mut self) {
+    fn close(&mut self) {
         self.segment
             .header()
             .shared
@@ -250,8 +445,58 @@ impl HostLink for ShmHostLink {
         }
     }
 
-    fn describe(&self) -> String {
-        self.segment.name().to_owned()
+    fn address(&self) -> &str {
+        &self.address
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Plugin side
+// ------------------------------------------------------------------------------------------
+
+/// Opens shared-memory links for plugins.
+#[derive(Debug, Default)]
+pub struct ShmConnector;
+
+impl Connector for ShmConnector {
+    fn scheme(&self) -> &'static str {
+        SCHEME
+    }
+
+    fn claims_bare(&self, address: &str) -> bool {
+        address.starts_with(segment::PREFIX)
+    }
+
+    fn address_from_env(&self) -> Option<String> {
+        std::env::var(ENV_SEGMENT)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(|s| format!("{SCHEME}:{s}"))
+    }
+
+    fn check(&self, address: &str) -> Result<(), String> {
+        segment_name(address).map(drop)
+    }
+
+    fn connect(&self, address: &str) -> Result<Box<dyn PluginLink>, ConnectError> {
+        let name = segment_name(address).map_err(|reason| ConnectError::BadAddress {
+            address: address.to_owned(),
+            reason,
+        })?;
+        match ShmPluginLink::open(name) {
+            Ok(link) => Ok(Box::new(link)),
+            Err(e) => {
+                let address = format!("{SCHEME}:{name}");
+                let reason = e.to_string();
+                Err(match e {
+                    SegmentOpenError::NotFound(_) => ConnectError::NotFound { address, reason },
+                    SegmentOpenError::InvalidName(_) => ConnectError::BadAddress { address, reason },
+                    SegmentOpenError::AlreadyAttached { .. } => ConnectError::Taken { address, reason },
+                    SegmentOpenError::Os { .. } => ConnectError::Io { address, reason },
+                    _ => ConnectError::Refused { address, reason },
+                })
+            }
+        }
     }
 }
 
@@ -281,7 +526,7 @@ impl ShmPluginLink {
                 reason: format!("a plugin segment has three rings, this one {}", segment.rings().len()),
             });
         }
-        let bad = |e: crate::ring::RingLayoutError| SegmentOpenError::Corrupt {
+        let bad = |e: RingLayoutError| SegmentOpenError::Corrupt {
             name: name.to_owned(),
             reason: e.to_string(),
         };
@@ -296,6 +541,10 @@ impl ShmPluginLink {
     /// The segment.
     pub fn segment(&self) -> &Segment {
         &self.segment
+    }
+
+    fn fail(&self, e: RingError) -> LinkError {
+        ring_error(e, &self.segment, TRUNCATED_UNDER_PLUGIN)
     }
 }
 
@@ -312,55 +561,44 @@ impl Drop for ShmPluginLink {
 
 impl PluginLink for ShmPluginLink {
     fn poll(&mut self, max: usize, f: &mut dyn FnMut(Incoming<'_>)) -> Result<usize, LinkError> {
-        let mut n = 0;
-        // Control first: joins and quits come before the moves that follow them in the tick.
-        while n < max {
-            let Some(frame) = self.control.try_read()? else {
-                break;
-            };
-            if frame.kind() != KIND_HOST_TO_PLUGIN {
-                return Err(LinkError::BadKind(frame.kind()));
-            }
-            f(Incoming::Host(frame.payload()));
-            n += 1;
-        }
-        while n < max {
-            let Some(frame) = self.moves.try_read()? else {
-                break;
-            };
-            if frame.kind() != KIND_MOVES {
-                return Err(LinkError::BadKind(frame.kind()));
-            }
-            let (header, records) = fastpath::parse(frame.payload())?;
-            f(Incoming::Moves { header, records });
-            n += 1;
-        }
-        Ok(n)
+        poll_stream(&mut self.moves, &mut self.control, max, f)
+            .map_err(|e| e.into_link_error(&self.segment, TRUNCATED_UNDER_PLUGIN))
     }
 
     fn try_send(&mut self, msg: &PluginToHost) -> Result<bool, LinkError> {
         match codec::encode_in_ring(&mut self.replies, KIND_PLUGIN_TO_HOST, msg) {
             Ok(_) => Ok(true),
-            Err(codec::EncodeError::Ring(e)) => LinkError::from_reserve(e),
+            Err(codec::EncodeError::Ring(e)) => self.reserve_error(e),
         }
     }
 
-    fn try_send_raw(&mut self, payload: &[u8]) -> Result<bool, LinkError> {
+    fn try_send_encoded(&mut self, payload: &[u8]) -> Result<bool, LinkError> {
         match self.replies.try_push(KIND_PLUGIN_TO_HOST, payload) {
             Ok(()) => Ok(true),
-            Err(e) => LinkError::from_reserve(e),
+            Err(e) => self.reserve_error(e),
         }
+    }
+
+    fn max_message(&self) -> usize {
+        self.replies.max_payload()
     }
 
     fn has_incoming(&mut self) -> Result<bool, LinkError> {
-        Ok(!self.control.is_empty()? || !self.moves.is_empty()?)
+        self.control.is_empty().map(|e| !e).map_err(|e| self.fail(e))
     }
 
     fn park(&mut self, timeout: Duration) -> Result<(), LinkError> {
         let bell = &self.segment.header().to_attacher;
         bell.prepare_sleep();
         let shutdown = self.segment.header().shared.state.load(Ordering::Acquire) == STATE_SHUTDOWN;
-        if shutdown || !self.control.is_empty()? || !self.moves.is_empty()? {
+        let empty = match self.control.is_empty() {
+            Ok(e) => e,
+            Err(e) => {
+                bell.cancel_sleep();
+                return Err(self.fail(e));
+            }
+        };
+        if shutdown || !empty {
             bell.cancel_sleep();
             return Ok(());
         }
@@ -376,10 +614,8 @@ impl PluginLink for ShmPluginLink {
         self.segment.beat();
     }
 
-    fn broken(&self) -> Option<&'static str> {
-        self.segment
-            .is_broken()
-            .then_some("the host's shared-memory segment was truncated")
+    fn failure(&self) -> Option<&'static str> {
+        self.segment.is_broken().then_some(TRUNCATED_UNDER_PLUGIN)
     }
 
     fn host_state(&self) -> HostState {
@@ -401,5 +637,16 @@ impl PluginLink for ShmPluginLink {
         slots[counters::PLUGIN_EVENTS].store(events, Ordering::Relaxed);
         slots[counters::PLUGIN_MOVE_FRAMES].store(move_frames, Ordering::Relaxed);
         slots[counters::PLUGIN_REPLIES].store(replies, Ordering::Relaxed);
+    }
+}
+
+impl ShmPluginLink {
+    fn reserve_error(&self, e: ReserveError) -> Result<bool, LinkError> {
+        match e {
+            ReserveError::Full { .. } => Ok(false),
+            ReserveError::TooLarge { len, max } => Err(LinkError::TooLarge { len, max }),
+            ReserveError::ReservedKind(k) => Err(LinkError::Protocol(format!("reserved frame kind {k}"))),
+            ReserveError::Broken(e) => Err(self.fail(e)),
+        }
     }
 }

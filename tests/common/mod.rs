@@ -14,6 +14,8 @@
 //! - `start <api_version> <boot_id>` once the handshake is done (flushed at once);
 //! - `ev <event type number> <tag>` per event (the tag is the payload's `player_uuid`);
 //! - `mv <tick> <count>` per move frame (when [`RECORD_MOVES`] is set);
+//! - `mp <tick> <flags> <player>@<tick published> ...` per move frame (when [`RECORD_PLAYERS`]
+//!   is set): which record of which player, for order tests;
 //! - `shutdown <reason>`, then `pos <player> <x> <y> <z>` (f64 bits, hex) for the last position
 //!   of every player it saw move;
 //! - `result ok` or `result err <PluginError as Debug>` when its loop ends;
@@ -26,6 +28,7 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -33,14 +36,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
-use plugbus::fastpath::MoveRecord;
-use plugbus::host::{ENV_SEGMENT, Host, HostConfig, Notice, PluginConfig, RingSizes, SlotState};
+use plugbus::fastpath::{MoveFrameHeader, MoveRecord};
+use plugbus::host::{Host, HostConfig, Notice, PluginConfig, QueueSizes, SlotState};
 use plugbus::plugin::{Context, Handler, Plugin, PluginBuilder, PluginError, Reply};
 use plugbus::proto::{
     ChatEvent, CommandEvent, CommandSpec, EventEnvelope, EventType, HostHello, PlayerJoinEvent, PlayerJumpEvent,
     PlayerQuitEvent, event_envelope::Payload,
 };
 use plugbus::segment::{Segment, stale};
+use plugbus::transport::ENV_ADDRESS;
 use plugbus::transport::{HostState, PluginLink};
 
 // ------------------------------------------------------------------------------------------
@@ -64,6 +68,8 @@ pub const MOVE_SLEEP_MS: &str = "TEST_PLUGIN_MOVE_SLEEP_MS";
 pub const FIRST_EVENT_SLEEP_MS: &str = "TEST_PLUGIN_FIRST_EVENT_SLEEP_MS";
 /// Set to record move frames (`mv` lines) and last positions (`pos` lines).
 pub const RECORD_MOVES: &str = "TEST_PLUGIN_RECORD_MOVES";
+/// Set to record every record of every move frame (`mp` lines).
+pub const RECORD_PLAYERS: &str = "TEST_PLUGIN_RECORD_PLAYERS";
 /// The wait strategy (`spin`, `park`, `spin-then-park`, `paced`; default: the library's).
 pub const WAIT: &str = "TEST_PLUGIN_WAIT";
 /// The api_version to claim (default: the real one).
@@ -114,7 +120,7 @@ pub fn config(plugins: Vec<PluginConfig>) -> HostConfig {
 /// The plugin role of this test binary; does nothing unless started by a host.
 #[test]
 fn plugin_child() {
-    if std::env::var_os(ENV_SEGMENT).is_none() {
+    if std::env::var_os(ENV_ADDRESS).is_none() {
         return;
     }
     let path = std::env::var(REPORT).expect("the parent names the report file");
@@ -229,6 +235,7 @@ struct Recorder<'a> {
     move_sleep: Duration,
     first_event_sleep: Duration,
     record_moves: bool,
+    record_players: bool,
     command: Option<String>,
     last_pos: BTreeMap<u64, [f64; 3]>,
 }
@@ -251,6 +258,7 @@ impl<'a> Recorder<'a> {
             move_sleep: env_ms(MOVE_SLEEP_MS),
             first_event_sleep: env_ms(FIRST_EVENT_SLEEP_MS),
             record_moves: std::env::var_os(RECORD_MOVES).is_some(),
+            record_players: std::env::var_os(RECORD_PLAYERS).is_some(),
             command: std::env::var(COMMAND).ok(),
             last_pos: BTreeMap::new(),
         }
@@ -279,7 +287,15 @@ impl Handler for Recorder<'_> {
         let _ = self.out.flush();
     }
 
-    fn on_moves(&mut self, _ctx: &mut Context<'_>, tick: u64, moves: &[MoveRecord]) {
+    fn on_moves(&mut self, _ctx: &mut Context<'_>, frame: MoveFrameHeader, moves: &[MoveRecord]) {
+        let tick = frame.tick;
+        if self.record_players {
+            let mut l = format!("mp {tick} {}", frame.flags);
+            for m in moves {
+                let _ = write!(l, " {}@{}", player_of(&m.uuid), tick_of(m));
+            }
+            line(self.out, &l);
+        }
         if self.record_moves {
             line(self.out, &format!("mv {tick} {}", moves.len()));
             for m in moves {
@@ -381,7 +397,13 @@ fn host_child() {
         }
     };
     for id in &ids {
-        let _ = writeln!(out, "seg {}", host.segment_of(id).expect("configured plugin"));
+        let _ = writeln!(
+            out,
+            "seg {}",
+            host.address_of(id)
+                .expect("configured plugin")
+                .trim_start_matches("shm:")
+        );
         if let Some(pid) = host.pid_of(id) {
             let _ = writeln!(out, "pid {pid}");
         }
@@ -413,7 +435,7 @@ pub fn spawn_host_child(role: &str, report: &Path, env: &[(&str, &str)]) -> Chil
         .env(HOST_ROLE, role)
         .env(HOST_REPORT, report)
         .envs(env.iter().copied())
-        .env_remove(ENV_SEGMENT)
+        .env_remove(ENV_ADDRESS)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -633,6 +655,11 @@ pub fn player_of(uuid: &[u8; 16]) -> u64 {
     u64::from_le_bytes(uuid[..8].try_into().expect("8 bytes"))
 }
 
+/// The tick at which a record made by [`position`] was published.
+pub fn tick_of(m: &MoveRecord) -> u64 {
+    (m.x - 0.25) as u64
+}
+
 /// Where player `p` is at tick `t` (distinct for every pair).
 pub fn position(p: u64, t: u64) -> [f64; 3] {
     [t as f64 + 0.25, p as f64 * 2.0, (t * 100_000 + p) as f64 * 0.5]
@@ -685,7 +712,10 @@ pub fn wait_started(host: &mut Host, reports: &[&Path]) -> Vec<Notice> {
 
 /// Head and tail of each ring of plugin `id`'s segment (moves, control, replies).
 pub fn ring_positions(host: &Host, id: &str) -> Vec<(u64, u64)> {
-    let name = host.segment_of(id).expect("configured plugin");
+    let name = host
+        .address_of(id)
+        .expect("configured plugin")
+        .trim_start_matches("shm:");
     stale::inspect(name).rings.iter().map(|(_, h, t)| (*h, *t)).collect()
 }
 
@@ -719,11 +749,11 @@ pub fn state_of(host: &Host, id: &str) -> SlotState {
 }
 
 /// Small rings for plugins that should fall behind quickly.
-pub fn small_rings(moves: u64, control: u64) -> RingSizes {
-    RingSizes {
+pub fn small_rings(moves: u64, control: u64) -> QueueSizes {
+    QueueSizes {
         moves,
         control,
-        ..RingSizes::default()
+        ..QueueSizes::default()
     }
 }
 

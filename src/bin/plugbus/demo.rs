@@ -103,6 +103,7 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
         metrics,
         seed: 7,
         busy_pacing: false,
+        kill_one_at: None,
     };
     println!(
         "plugbus demo: {} players at {} ticks/s for {} s, plugins chat_filter and move_counter ({})",

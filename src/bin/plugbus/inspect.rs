@@ -61,7 +61,7 @@ pub fn inspect() -> Result<(), String> {
         );
         for (i, (d, head, tail)) in s.rings.iter().enumerate() {
             let name = ["moves", "control", "replies"].get(i).copied().unwrap_or("ring");
-            let bytes = d.capacity * u64::from(d.unit);
+            let bytes = d.data_bytes();
             let used = tail.saturating_sub(*head) * if d.kind == 1 { u64::from(d.unit) } else { 1 };
             println!(
                 "  {name:<8} {:>6.1}% full ({used} of {bytes} bytes), {} bytes through",

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use plugbus::fastpath::MoveRecord;
+use plugbus::fastpath::{MoveFrameHeader, MoveRecord};
 use plugbus::plugin::{Context, Handler, Plugin, Reply, WaitStrategy};
 use plugbus::proto::{EventEnvelope, EventType};
 use plugbus::segment::monotonic_ns;
@@ -68,10 +68,14 @@ struct LoadPlugin {
     report: PluginReport,
     path: Option<PathBuf>,
     record: Record,
+    /// `PLUGBUS_CRITICAL_LOG`: each critical event id observed, one line each, written at once
+    /// (unbuffered, appended), so that what a plugin saw before it was killed is known.
+    critical_log: Option<std::fs::File>,
 }
 
 impl Handler for LoadPlugin {
-    fn on_moves(&mut self, _ctx: &mut Context<'_>, tick: u64, moves: &[MoveRecord]) {
+    fn on_moves(&mut self, _ctx: &mut Context<'_>, frame: MoveFrameHeader, moves: &[MoveRecord]) {
+        let tick = frame.tick;
         let now = monotonic_ns();
         self.report.last_ns = now;
         if self.record != Record::None && self.report.move_frames.len() < MAX_SAMPLES {
@@ -93,6 +97,12 @@ impl Handler for LoadPlugin {
         if keep && self.report.critical.len() < MAX_SAMPLES {
             if let Ok(id) = event.event_id.parse() {
                 self.report.critical.push([id, now]);
+            }
+        }
+        if let Some(f) = &mut self.critical_log {
+            if crate::sim::is_critical(event.r#type) {
+                use std::io::Write as _;
+                let _ = f.write_all(format!("{}\n", event.event_id).as_bytes());
             }
         }
         Reply::Ack
@@ -118,10 +128,21 @@ pub fn run(wait: WaitStrategy) -> Result<(), String> {
         Ok("none") => Record::None,
         _ => Record::Critical,
     };
+    let critical_log = match std::env::var_os("PLUGBUS_CRITICAL_LOG") {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .map_err(|e| format!("cannot open {}: {e}", PathBuf::from(&p).display()))?,
+        ),
+        None => None,
+    };
     let mut plugin = LoadPlugin {
         report: PluginReport::default(),
         path,
         record,
+        critical_log,
     };
     let builder = Plugin::from_env().map_err(|e| e.to_string())?;
     plugin.report.plugin_id = std::env::var(plugbus::host::ENV_PLUGIN_ID).unwrap_or_default();

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use plugbus::fastpath::MoveRecord;
-use plugbus::host::{Hist, Host, HostConfig, MetricsSnapshot, PluginConfig, RingSizes};
+use plugbus::host::{Hist, Host, HostConfig, MetricsSnapshot, PluginConfig, QueueSizes};
 use plugbus::proto::EventType;
 use plugbus::segment::monotonic_ns;
 use serde::Serialize;
@@ -31,6 +31,8 @@ pub struct LoadSpec {
     pub seed: u64,
     /// Spin between ticks instead of sleeping (a tick thread that never idles).
     pub busy_pacing: bool,
+    /// SIGKILL the first plugin this many seconds into the run, from another thread.
+    pub kill_one_at: Option<f64>,
 }
 
 /// Percentiles of a latency histogram.
@@ -74,8 +76,13 @@ pub struct LoadReport {
     pub events_offered_by_type: BTreeMap<String, u64>,
     pub events_delivered_by_type: BTreeMap<String, u64>,
     pub moves_conflated: u64,
-    /// Critical events (join, quit, chat, command) offered to a plugin and never observed by it.
+    /// Critical events (join, quit, chat, command) offered to a plugin and never observed by it,
+    /// summed over plugins.
     pub critical_lost: u64,
+    /// The same per plugin id (with `--kill-one-at`, the killed plugin's losses stand apart).
+    pub critical_lost_by_plugin: BTreeMap<String, u64>,
+    /// With `--kill-one-at`: what was killed and what the host made of it.
+    pub kill: Option<KillReport>,
     /// Critical events observed out of publish order.
     pub critical_out_of_order: u64,
     /// The host's plugbus work per tick (publish, dispatch, end_tick), ns.
@@ -118,6 +125,21 @@ pub struct Samples {
     pub tick: Hist,
 }
 
+/// The plugin killed during the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct KillReport {
+    pub plugin: String,
+    pub pid: u32,
+    /// Seconds into the run.
+    pub at_s: f64,
+    /// Kill to the host's disconnect notice, ms (as the tick loop saw it).
+    pub detected_ms: Option<f64>,
+    /// Kill to the restarted plugin's hello, ms.
+    pub ready_again_ms: Option<f64>,
+    /// Restarts the host made (of any plugin).
+    pub restarts: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Pinning {
     pub host_cpu: usize,
@@ -155,9 +177,9 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let frame = (spec.players as u64 * 48 + 64).max(1);
-    let rings = RingSizes {
+    let queues = QueueSizes {
         moves: pow2_at_least(frame * 8).max(1 << 16),
-        ..RingSizes::default()
+        ..QueueSizes::default()
     };
     let mut plugin_cpus = Vec::new();
     let mut configs = Vec::new();
@@ -165,10 +187,15 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
         let id = format!("load-{i}");
         let mut cfg = PluginConfig::launch(&id, cmd)
             .args(args.clone())
-            .rings(rings)
+            .queues(queues)
             .required(true);
         if spec.reports {
-            cfg = cfg.env("PLUGBUS_REPORT", &dir.join(format!("{id}.json")).display().to_string());
+            cfg = cfg
+                .env("PLUGBUS_REPORT", &dir.join(format!("{id}.json")).display().to_string())
+                .env(
+                    "PLUGBUS_CRITICAL_LOG",
+                    &dir.join(format!("{id}.critical")).display().to_string(),
+                );
         }
         if spec.pin {
             let cpu = (1 + i) % ncpu;
@@ -234,6 +261,33 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     let mut window_events = 0u64;
     let mut window_started = Instant::now();
     let mut last_metrics = Instant::now();
+    // The kill, from another thread at its time, as an external `kill -9` would come.
+    let run_started = Instant::now();
+    let mut killer = match spec.kill_one_at {
+        Some(at_s) => {
+            let id = ids[0].clone();
+            let pid = host.pid_of(&id).ok_or("the plugin to kill has no process")?;
+            let at = run_started + Duration::from_secs_f64(at_s);
+            report.kill = Some(KillReport {
+                plugin: id,
+                pid,
+                at_s,
+                detected_ms: None,
+                ready_again_ms: None,
+                restarts: 0,
+            });
+            Some(std::thread::spawn(move || {
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                let killed_at = Instant::now();
+                let pid = rustix::process::Pid::from_raw(pid as i32).ok_or("pid 0")?;
+                rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+                    .map_err(|e| format!("cannot kill plugin pid {pid:?}: {e}"))?;
+                Ok::<Instant, String>(killed_at)
+            }))
+        }
+        None => None,
+    };
+    let mut killed_at: Option<Instant> = None;
     for t in 0..total_ticks {
         if stopping() {
             break;
@@ -302,7 +356,25 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
             }
         }
         for _ in host.drain_actions() {}
+        if killed_at.is_none() && killer.as_ref().is_some_and(std::thread::JoinHandle::is_finished) {
+            killed_at = Some(
+                killer
+                    .take()
+                    .expect("finished")
+                    .join()
+                    .map_err(|_| "the killer panicked")??,
+            );
+        }
         for n in host.drain_notices() {
+            match (&n, &mut report.kill, killed_at) {
+                (plugbus::host::Notice::Disconnected { id, detected_at, .. }, Some(k), Some(at)) if *id == k.plugin => {
+                    k.detected_ms = Some(detected_at.saturating_duration_since(at).as_secs_f64() * 1e3);
+                }
+                (plugbus::host::Notice::Ready { id, .. }, Some(k), Some(at)) if *id == k.plugin => {
+                    k.ready_again_ms = Some(at.elapsed().as_secs_f64() * 1e3);
+                }
+                _ => {}
+            }
             if let plugbus::host::Notice::Disconnected { .. } = n {
                 report.disconnects += 1;
             }
@@ -360,6 +432,12 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     let metrics = host.metrics();
     host.shutdown("load test finished");
     report.moves_conflated = metrics.plugins.values().map(|p| p.moves_conflated).sum();
+    if let Some(k) = &mut report.kill {
+        k.restarts = metrics.plugins.values().map(|p| p.restarts).sum();
+        if killed_at.is_none() {
+            return Err("the plugin was not killed before the run ended".into());
+        }
+    }
     report.doorbell_wakeups = metrics.plugins.values().map(|p| p.wakeups).sum();
     report.host_allocs_per_event = if steady_offered > 0 {
         steady_allocs as f64 / steady_offered as f64
@@ -401,9 +479,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
                 }
             }
             let mut last = 0;
-            let mut seen_critical = 0u64;
             for [id, seen] in &r.critical {
-                seen_critical += 1;
                 if *id < last {
                     report.critical_out_of_order += 1;
                 }
@@ -412,8 +488,20 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
                     report.samples.observe_events.record(seen.saturating_sub(*p));
                 }
             }
-            report.critical_lost += critical_offered.saturating_sub(seen_critical);
+            // What each incarnation of this plugin saw, the killed one's included.
+            let log_path = dir.join(format!("{id}.critical"));
+            let text = match std::fs::read_to_string(&log_path) {
+                Ok(t) => t,
+                // It saw no critical event at all.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(format!("plugin {id}: cannot read {}: {e}", log_path.display())),
+            };
+            let seen: std::collections::HashSet<u64> = text.lines().filter_map(|l| l.parse().ok()).collect();
+            let lost = critical_offered.saturating_sub(seen.len() as u64);
+            report.critical_lost_by_plugin.insert(id.clone(), lost);
+            report.critical_lost += lost;
             let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(&log_path);
         }
         report.events_delivered += delivered_moves;
         report
@@ -470,7 +558,22 @@ pub fn print(r: &LoadReport) {
         r.events_delivered
     );
     println!("  moves conflated           {}", r.moves_conflated);
-    println!("  critical lost             {}", r.critical_lost);
+    println!(
+        "  critical lost             {} {:?}",
+        r.critical_lost, r.critical_lost_by_plugin
+    );
+    if let Some(k) = &r.kill {
+        let ms = |v: Option<f64>| v.map_or("never".to_owned(), |v| format!("{v:.1} ms"));
+        println!(
+            "  killed                    {} (pid {}) at {:.1} s: seen after {}, ready again after {}, {} restart(s)",
+            k.plugin,
+            k.pid,
+            k.at_s,
+            ms(k.detected_ms),
+            ms(k.ready_again_ms),
+            k.restarts
+        );
+    }
     println!(
         "  doorbell wake-ups         {} ({:.2} per plugin per tick)",
         r.doorbell_wakeups,

@@ -174,6 +174,11 @@ struct LoadArgs {
     /// warm (what a busy server's tick thread looks like). Default: sleep.
     #[arg(long)]
     busy_pacing: bool,
+    /// Kill the first plugin with SIGKILL this many seconds into the run (from another thread,
+    /// as an external `kill -9` would); the host detects it and restarts it. The report then
+    /// gives each plugin's lost critical events apart.
+    #[arg(long, value_name = "SECONDS")]
+    kill_one_at: Option<f64>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -268,6 +273,9 @@ fn loadtest_cmd(a: &LoadArgs) -> Result<(), String> {
     if a.plugins == 0 || a.tps == 0 || a.seconds.is_nan() || a.seconds <= 0.0 {
         return Err("--tps, --plugins and --seconds must be positive (--players 0 measures idle plugins)".into());
     }
+    if a.kill_one_at.is_some_and(|t| !(t >= 0.0 && t < a.seconds)) {
+        return Err("--kill-one-at must be within the run (0 <= SECONDS < --seconds)".into());
+    }
     on_ctrl_c();
     let exe = std::env::current_exe()
         .map_err(|e| e.to_string())?
@@ -292,6 +300,7 @@ fn loadtest_cmd(a: &LoadArgs) -> Result<(), String> {
         metrics,
         seed: 42,
         busy_pacing: a.busy_pacing,
+        kill_one_at: a.kill_one_at,
     };
     let pb = demo::progress_bar(spec.seconds, spec.tps);
     let (mut report, _host) = loadtest::run(&spec, |p| demo::show_progress(&pb, p))?;

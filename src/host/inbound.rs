@@ -1,0 +1,237 @@
+//! What comes in: the supervisor's reports, each plugin's messages (hello, subscriptions,
+//! results, actions, logs), and the periodic health check. Non-blocking.
+
+use std::time::{Duration, Instant};
+
+use super::slot::{EventSet, SendOutcome, SlotState};
+use super::tick::overflow_reason;
+use super::{ActionItem, Host, LOG_QUEUE, LogItem, Notice};
+use crate::proto::{
+    self, ActionResult, HostHello, HostShutdown, HostToPlugin, ServerInformationResponse, host_to_plugin,
+    plugin_to_host,
+};
+
+/// Most plugin messages read per plugin per poll, so one chatty plugin cannot stall a tick.
+const RECV_PER_POLL: usize = 1024;
+/// How often health is checked.
+const HEALTH_EVERY: Duration = Duration::from_millis(50);
+
+pub(super) fn shutdown_message(id: &str, reason: &str) -> HostToPlugin {
+    HostToPlugin {
+        plugin_id: id.to_owned(),
+        payload: Some(host_to_plugin::Payload::Shutdown(HostShutdown {
+            reason: reason.to_owned(),
+        })),
+    }
+}
+
+impl Host {
+    /// Takes the supervisor's reports (links made, processes exited), reads every plugin's
+    /// messages and handles them, and checks health. Non-blocking; `end_tick` calls it.
+    pub fn poll(&mut self) {
+        self.take_reports();
+        for i in 0..self.slots.len() {
+            self.read_replies(i);
+        }
+        let now = Instant::now();
+        if now.duration_since(self.last_health) >= HEALTH_EVERY {
+            self.last_health = now;
+            for i in 0..self.slots.len() {
+                self.check_health(i, now);
+            }
+        }
+    }
+
+    fn read_replies(&mut self, i: usize) {
+        if !self.slots[i].is_live() {
+            return;
+        }
+        let Some(link) = self.slots[i].link.as_mut() else {
+            return;
+        };
+        let pool = &mut self.pool;
+        let inbox = &mut self.inbox;
+        // Copy out first: the bytes may lie in memory the plugin can still write.
+        let r = link.recv(RECV_PER_POLL, &mut |bytes| {
+            let mut b = pool.take();
+            b.extend_from_slice(bytes);
+            inbox.push(b);
+        });
+        let mut inbox = std::mem::take(&mut self.inbox);
+        for buf in inbox.drain(..) {
+            if self.slots[i].is_live() {
+                self.on_message(i, &buf);
+            }
+            self.pool.give(buf);
+        }
+        self.inbox = inbox;
+        if let Err(e) = r {
+            self.disconnect(i, format!("link error: {e}"), true, Instant::now());
+        }
+    }
+
+    fn on_message(&mut self, i: usize, bytes: &[u8]) {
+        let msg = match self.decoder.decode_mut(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.disconnect(i, format!("malformed PluginToHost message: {e}"), true, Instant::now());
+                return;
+            }
+        };
+        let Some(payload) = msg.payload.as_mut() else {
+            return;
+        };
+        match payload {
+            plugin_to_host::Payload::Hello(hello) => {
+                let hello = std::mem::take(hello);
+                let plugin_id = msg.plugin_id.clone();
+                self.on_hello(i, &plugin_id, hello);
+            }
+            plugin_to_host::Payload::Subscribe(sub) => {
+                let set = EventSet::from_types(sub.events.iter().copied());
+                let s = &mut self.slots[i];
+                s.subscribed = set;
+                tracing::debug!(plugin = %s.cfg.id, "subscriptions: {:?}", sub.events);
+                self.rebuild_subs();
+            }
+            plugin_to_host::Payload::EventResult(r) => {
+                let r = std::mem::take(r);
+                self.on_result(i, r);
+            }
+            plugin_to_host::Payload::Actions(batch) => {
+                let id = &self.slots[i].cfg.id;
+                for action in batch.actions.drain(..) {
+                    self.stats.actions += 1;
+                    self.actions.push_back(ActionItem {
+                        plugin: id.clone(),
+                        action,
+                    });
+                }
+            }
+            plugin_to_host::Payload::Log(log) => {
+                let id = &self.slots[i].cfg.id;
+                match log.level.to_ascii_lowercase().as_str() {
+                    "error" => {
+                        tracing::error!(target: "plugbus::plugin", plugin = %id, "{}", log.message)
+                    }
+                    "warn" | "warning" => {
+                        tracing::warn!(target: "plugbus::plugin", plugin = %id, "{}", log.message)
+                    }
+                    "debug" => {
+                        tracing::debug!(target: "plugbus::plugin", plugin = %id, "{}", log.message)
+                    }
+                    "trace" => {
+                        tracing::trace!(target: "plugbus::plugin", plugin = %id, "{}", log.message)
+                    }
+                    _ => tracing::info!(target: "plugbus::plugin", plugin = %id, "{}", log.message),
+                }
+                if self.logs.len() >= LOG_QUEUE {
+                    self.logs.pop_front();
+                    self.stats.logs_dropped += 1;
+                }
+                self.logs.push_back(LogItem {
+                    plugin: id.clone(),
+                    level: std::mem::take(&mut log.level),
+                    message: std::mem::take(&mut log.message),
+                });
+            }
+            plugin_to_host::Payload::ServerInfo(_) => {
+                let plugins = self.slots.iter().map(|s| s.cfg.id.clone()).collect();
+                let reply = HostToPlugin {
+                    plugin_id: self.slots[i].cfg.id.clone(),
+                    payload: Some(host_to_plugin::Payload::ServerInfo(ServerInformationResponse {
+                        plugins,
+                    })),
+                };
+                self.send_control(i, &reply);
+            }
+        }
+    }
+
+    fn on_hello(&mut self, i: usize, plugin_id: &str, hello: proto::PluginHello) {
+        let s = &self.slots[i];
+        if s.state != SlotState::Connecting {
+            tracing::warn!(plugin = %s.cfg.id, "second hello ignored");
+            return;
+        }
+        let refusal = if hello.api_version != proto::API_VERSION {
+            Some(format!(
+                "unsupported api_version {:?}: this host speaks {:?}",
+                hello.api_version,
+                proto::API_VERSION
+            ))
+        } else if !plugin_id.is_empty() && plugin_id != s.cfg.id {
+            Some(format!(
+                "plugin id {plugin_id:?} does not match the configured id {:?}",
+                s.cfg.id
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            tracing::error!(plugin = %s.cfg.id, "handshake refused: {reason}");
+            let reason = format!("handshake refused: {reason}");
+            let msg = shutdown_message(&s.cfg.id, &reason);
+            self.send_control(i, &msg);
+            // Not killed at once: the process reads why and exits by itself (within the grace).
+            self.refuse(i, reason);
+            return;
+        }
+        let reply = HostToPlugin {
+            plugin_id: s.cfg.id.clone(),
+            payload: Some(host_to_plugin::Payload::Hello(HostHello {
+                api_version: proto::API_VERSION.to_owned(),
+                boot_id: self.boot_id.to_string(),
+            })),
+        };
+        let name = format!("{} {}", hello.name, hello.version);
+        tracing::info!(plugin = %s.cfg.id, "plugin ready: {name} ({} commands)", hello.commands.len());
+        self.slots[i].hello = Some(hello);
+        self.slots[i].state = SlotState::Ready;
+        self.send_control(i, &reply);
+        self.rebuild_subs();
+        self.notices.push_back(Notice::Ready {
+            id: self.slots[i].cfg.id.clone(),
+            name,
+        });
+    }
+
+    /// Sends the result of an action back to the plugin that asked (by its `correlation_id`).
+    pub fn send_action_result(&mut self, plugin: &str, result: ActionResult) -> bool {
+        let Some(i) = self.slots.iter().position(|s| s.cfg.id == plugin && s.is_ready()) else {
+            return false;
+        };
+        let msg = HostToPlugin {
+            plugin_id: plugin.to_owned(),
+            payload: Some(host_to_plugin::Payload::ActionResult(result)),
+        };
+        self.send_control(i, &msg);
+        true
+    }
+
+    pub(super) fn send_control(&mut self, i: usize, msg: &HostToPlugin) {
+        let limit = self.settings.overflow_frames;
+        let s = &mut self.slots[i];
+        match s.send_message(msg, &mut self.pool, limit) {
+            Ok(SendOutcome::Sent | SendOutcome::Queued) => s.wake_if_dirty(),
+            Ok(SendOutcome::Overflow) => {
+                let reason = overflow_reason(s, limit);
+                self.disconnect(i, reason, true, Instant::now());
+            }
+            Err(e) => self.disconnect(i, format!("link error: {e}"), true, Instant::now()),
+        }
+    }
+
+    pub(super) fn rebuild_subs(&mut self) {
+        for (t, list) in self.subs.iter_mut().enumerate() {
+            list.clear();
+            list.extend(
+                self.slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.is_ready() && s.subscribed.contains(t as i32))
+                    .map(|(i, _)| i),
+            );
+        }
+    }
+}

@@ -34,7 +34,8 @@ impl Handler for ChatFilter {
                     Reply::Ack
                 }
             }
-            Some(Payload::Command(cmd)) if cmd.name == "filterstats" => {
+            // `command` is the command's name without the slash (`name` is the player's name).
+            Some(Payload::Command(cmd)) if cmd.command == "filterstats" => {
                 let text = format!(
                     "chat filter: {} blocked, {} rewritten, {} passed",
                     self.cancelled, self.rewritten, self.passed

@@ -409,27 +409,32 @@ plugbus_status plugbus_event_expects_response(struct plugbus_event *event, bool 
 // write.
 plugbus_status plugbus_event_bytes(struct plugbus_event *event, const uint8_t **data, size_t *len);
 
-// The fields of a `CHAT` event; `PLUGBUS_ERR_INVALID_ARGUMENT` for another type. Each out
-// pointer may be NULL (skipped). The strings are valid during the callback.
+// The fields of a `CHAT` event: `player_uuid` the sender's UUID, `player_name` the sender's
+// name (`ChatEvent.name`), `message` the text. `PLUGBUS_ERR_INVALID_ARGUMENT` for another type.
+// Each out pointer may be NULL (skipped). The strings are valid during the callback.
 //
 // # Safety
 // `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
 // write.
 plugbus_status plugbus_event_chat(struct plugbus_event *event,
                                   struct plugbus_str *player_uuid,
-                                  struct plugbus_str *name,
+                                  struct plugbus_str *player_name,
                                   struct plugbus_str *message);
 
-// The fields of a `COMMAND` event (`name` without the slash, `raw` the whole line typed);
-// `PLUGBUS_ERR_INVALID_ARGUMENT` for another type. Each out pointer may be NULL (skipped).
-// Arguments: `plugbus_event_command_arg`. The strings are valid during the callback.
+// The fields of a `COMMAND` event: `player_uuid` the UUID of the player who typed it,
+// `player_name` that player's name (`CommandEvent.name`), `command` the command's name without
+// the slash (`filterstats`; match on this), `raw` the whole line typed (`/filterstats a b`),
+// `arg_count` the number of arguments (read each with `plugbus_event_command_arg`).
+// `PLUGBUS_ERR_INVALID_ARGUMENT` for another type. Each out pointer may be NULL (skipped). The
+// strings are valid during the callback.
 //
 // # Safety
 // `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
 // write.
 plugbus_status plugbus_event_command(struct plugbus_event *event,
                                      struct plugbus_str *player_uuid,
-                                     struct plugbus_str *name,
+                                     struct plugbus_str *player_name,
+                                     struct plugbus_str *command,
                                      struct plugbus_str *raw,
                                      size_t *arg_count);
 
@@ -442,25 +447,27 @@ plugbus_status plugbus_event_command_arg(struct plugbus_event *event,
                                          size_t index,
                                          struct plugbus_str *arg);
 
-// The fields of a `PLAYER_JOIN` event; `PLUGBUS_ERR_INVALID_ARGUMENT` for another type. Each
-// out pointer may be NULL (skipped). The strings are valid during the callback.
+// The fields of a `PLAYER_JOIN` event: `player_uuid` the joining player's UUID, `player_name`
+// that player's name (`PlayerJoinEvent.name`). `PLUGBUS_ERR_INVALID_ARGUMENT` for another
+// type. Each out pointer may be NULL (skipped). The strings are valid during the callback.
 //
 // # Safety
 // `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
 // write.
 plugbus_status plugbus_event_join(struct plugbus_event *event,
                                   struct plugbus_str *player_uuid,
-                                  struct plugbus_str *name);
+                                  struct plugbus_str *player_name);
 
-// The fields of a `PLAYER_QUIT` event; `PLUGBUS_ERR_INVALID_ARGUMENT` for another type. Each
-// out pointer may be NULL (skipped). The strings are valid during the callback.
+// The fields of a `PLAYER_QUIT` event: `player_uuid` the leaving player's UUID, `player_name`
+// that player's name (`PlayerQuitEvent.name`). `PLUGBUS_ERR_INVALID_ARGUMENT` for another
+// type. Each out pointer may be NULL (skipped). The strings are valid during the callback.
 //
 // # Safety
 // `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
 // write.
 plugbus_status plugbus_event_quit(struct plugbus_event *event,
                                   struct plugbus_str *player_uuid,
-                                  struct plugbus_str *name);
+                                  struct plugbus_str *player_name);
 
 // Answers the event with "no change" (what happens anyway if no reply helper is called).
 // The last reply helper called during the callback wins. Replies to events that do not expect

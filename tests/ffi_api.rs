@@ -165,7 +165,7 @@ fn null_pointers_are_errors() {
             "event",
         );
         expect(
-            plugbus_event_command(null_mut(), null_mut(), null_mut(), null_mut(), null_mut()),
+            plugbus_event_command(null_mut(), null_mut(), null_mut(), null_mut(), null_mut(), null_mut()),
             PLUGBUS_ERR_NULL_POINTER,
             "event",
         );
@@ -527,13 +527,16 @@ unsafe extern "C" fn on_event(user: *mut c_void, ev: *mut plugbus_event) {
                 // Only chat has a chat accessor; the others refuse it.
                 r.inside.push((
                     "command accessor on a chat",
-                    plugbus_event_command(ev, null_mut(), null_mut(), null_mut(), null_mut()),
+                    plugbus_event_command(ev, null_mut(), null_mut(), null_mut(), null_mut(), null_mut()),
                 ));
                 format!("{} {} {}", text(a), text(b), message)
             }
             PLUGBUS_EVENT_COMMAND => {
-                let mut n = 0usize;
-                assert_eq!(plugbus_event_command(ev, &mut a, &mut b, &mut c, &mut n), PLUGBUS_OK);
+                let (mut n, mut raw) = (0usize, plugbus_str::default());
+                assert_eq!(
+                    plugbus_event_command(ev, &mut a, &mut b, &mut c, &mut raw, &mut n),
+                    PLUGBUS_OK
+                );
                 let mut args = Vec::new();
                 for i in 0..n {
                     let mut arg = plugbus_str::default();
@@ -582,7 +585,8 @@ unsafe extern "C" fn on_event(user: *mut c_void, ev: *mut plugbus_event) {
                     "{}",
                     last_error()
                 );
-                format!("{} {} {} {}", text(a), text(b), text(c), args.join(","))
+                // uuid, player name, command, raw line, arguments.
+                format!("{} {} {} {} {}", text(a), text(b), text(c), text(raw), args.join(","))
             }
             PLUGBUS_EVENT_PLAYER_JOIN => {
                 assert_eq!(plugbus_event_join(ev, &mut a, &mut b), PLUGBUS_OK);
@@ -856,7 +860,7 @@ fn the_whole_api_against_an_in_process_host() {
     let mut cmd = EventEnvelope {
         payload: Some(Payload::Command(CommandEvent {
             player_uuid: "u4".into(),
-            name: "stats".into(),
+            name: "Alex".into(),
             raw: "/stats a b".into(),
             command: "stats".into(),
             args: vec!["a".into(), "b".into()],
@@ -866,7 +870,7 @@ fn the_whole_api_against_an_in_process_host() {
     let pending = host.dispatch(&mut cmd);
     let o = settle(&mut host, p, &cb, pending);
     assert_eq!(o.answered, ["capi"]);
-    assert_eq!(rec().events.last().unwrap().3, "u4 stats /stats a b a,b");
+    assert_eq!(rec().events.last().unwrap().3, "u4 Alex stats /stats a b a,b");
     let actions: Vec<_> = host.drain_actions().collect();
     assert_eq!(actions.len(), 1);
     assert_eq!(actions[0].action.correlation_id.as_deref(), Some("q1"));

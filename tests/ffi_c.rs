@@ -217,13 +217,14 @@ fn chat(player: &str, message: &str) -> EventEnvelope {
     }
 }
 
-fn command(player: &str, name: &str) -> EventEnvelope {
+/// Command `command` (without the slash) typed by `player`; `name` is the player's name.
+fn command(player: &str, command: &str) -> EventEnvelope {
     EventEnvelope {
         payload: Some(Payload::Command(CommandEvent {
             player_uuid: player.to_owned(),
-            name: name.to_owned(),
-            raw: format!("/{name}"),
-            command: name.to_owned(),
+            name: format!("{player}-name"),
+            raw: format!("/{command}"),
+            command: command.to_owned(),
             args: Vec::new(),
         })),
         ..Default::default()

@@ -114,11 +114,12 @@ static void on_chat(filter *f, plugbus_event *event) {
 }
 
 static void on_command(filter *f, plugbus_event *event) {
-    plugbus_str player = {0}, name = {0};
-    if (check(f, plugbus_event_command(event, &player, &name, NULL, NULL), "command fields")) {
+    /* `command` is the command's name without the slash; the event's `name` is the player's. */
+    plugbus_str player = {0}, command = {0};
+    if (check(f, plugbus_event_command(event, &player, NULL, &command, NULL, NULL), "command fields")) {
         return;
     }
-    if (name.len != strlen("filterstats") || memcmp(name.ptr, "filterstats", name.len) != 0) {
+    if (command.len != strlen("filterstats") || memcmp(command.ptr, "filterstats", command.len) != 0) {
         return;
     }
     char text[160];

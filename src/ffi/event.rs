@@ -163,8 +163,9 @@ pub unsafe extern "C" fn plugbus_event_bytes(
     })
 }
 
-/// The fields of a `CHAT` event; `PLUGBUS_ERR_INVALID_ARGUMENT` for another type. Each out
-/// pointer may be NULL (skipped). The strings are valid during the callback.
+/// The fields of a `CHAT` event: `player_uuid` the sender's UUID, `player_name` the sender's
+/// name (`ChatEvent.name`), `message` the text. `PLUGBUS_ERR_INVALID_ARGUMENT` for another type.
+/// Each out pointer may be NULL (skipped). The strings are valid during the callback.
 ///
 /// # Safety
 /// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
@@ -173,7 +174,7 @@ pub unsafe extern "C" fn plugbus_event_bytes(
 pub unsafe extern "C" fn plugbus_event_chat(
     event: *mut plugbus_event,
     player_uuid: *mut plugbus_str,
-    name: *mut plugbus_str,
+    player_name: *mut plugbus_str,
     message: *mut plugbus_str,
 ) -> plugbus_status {
     guard(|| {
@@ -184,7 +185,7 @@ pub unsafe extern "C" fn plugbus_event_chat(
                     return Err(Error::invalid(format!("not a CHAT event: {}", kind(e.env))));
                 };
                 put_opt(player_uuid, plugbus_str::new(&c.player_uuid));
-                put_opt(name, plugbus_str::new(&c.name));
+                put_opt(player_name, plugbus_str::new(&c.name));
                 put_opt(message, plugbus_str::new(&c.message));
                 Ok(PLUGBUS_OK)
             })
@@ -192,9 +193,12 @@ pub unsafe extern "C" fn plugbus_event_chat(
     })
 }
 
-/// The fields of a `COMMAND` event (`name` without the slash, `raw` the whole line typed);
-/// `PLUGBUS_ERR_INVALID_ARGUMENT` for another type. Each out pointer may be NULL (skipped).
-/// Arguments: `plugbus_event_command_arg`. The strings are valid during the callback.
+/// The fields of a `COMMAND` event: `player_uuid` the UUID of the player who typed it,
+/// `player_name` that player's name (`CommandEvent.name`), `command` the command's name without
+/// the slash (`filterstats`; match on this), `raw` the whole line typed (`/filterstats a b`),
+/// `arg_count` the number of arguments (read each with `plugbus_event_command_arg`).
+/// `PLUGBUS_ERR_INVALID_ARGUMENT` for another type. Each out pointer may be NULL (skipped). The
+/// strings are valid during the callback.
 ///
 /// # Safety
 /// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
@@ -203,7 +207,8 @@ pub unsafe extern "C" fn plugbus_event_chat(
 pub unsafe extern "C" fn plugbus_event_command(
     event: *mut plugbus_event,
     player_uuid: *mut plugbus_str,
-    name: *mut plugbus_str,
+    player_name: *mut plugbus_str,
+    command: *mut plugbus_str,
     raw: *mut plugbus_str,
     arg_count: *mut usize,
 ) -> plugbus_status {
@@ -215,7 +220,8 @@ pub unsafe extern "C" fn plugbus_event_command(
                     return Err(Error::invalid(format!("not a COMMAND event: {}", kind(e.env))));
                 };
                 put_opt(player_uuid, plugbus_str::new(&c.player_uuid));
-                put_opt(name, plugbus_str::new(&c.name));
+                put_opt(player_name, plugbus_str::new(&c.name));
+                put_opt(command, plugbus_str::new(&c.command));
                 put_opt(raw, plugbus_str::new(&c.raw));
                 put_opt(arg_count, c.args.len());
                 Ok(PLUGBUS_OK)
@@ -258,8 +264,9 @@ pub unsafe extern "C" fn plugbus_event_command_arg(
     })
 }
 
-/// The fields of a `PLAYER_JOIN` event; `PLUGBUS_ERR_INVALID_ARGUMENT` for another type. Each
-/// out pointer may be NULL (skipped). The strings are valid during the callback.
+/// The fields of a `PLAYER_JOIN` event: `player_uuid` the joining player's UUID, `player_name`
+/// that player's name (`PlayerJoinEvent.name`). `PLUGBUS_ERR_INVALID_ARGUMENT` for another
+/// type. Each out pointer may be NULL (skipped). The strings are valid during the callback.
 ///
 /// # Safety
 /// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
@@ -268,7 +275,7 @@ pub unsafe extern "C" fn plugbus_event_command_arg(
 pub unsafe extern "C" fn plugbus_event_join(
     event: *mut plugbus_event,
     player_uuid: *mut plugbus_str,
-    name: *mut plugbus_str,
+    player_name: *mut plugbus_str,
 ) -> plugbus_status {
     guard(|| {
         // SAFETY: the caller's contract on each pointer.
@@ -278,15 +285,16 @@ pub unsafe extern "C" fn plugbus_event_join(
                     return Err(Error::invalid(format!("not a PLAYER_JOIN event: {}", kind(e.env))));
                 };
                 put_opt(player_uuid, plugbus_str::new(&j.player_uuid));
-                put_opt(name, plugbus_str::new(&j.name));
+                put_opt(player_name, plugbus_str::new(&j.name));
                 Ok(PLUGBUS_OK)
             })
         }
     })
 }
 
-/// The fields of a `PLAYER_QUIT` event; `PLUGBUS_ERR_INVALID_ARGUMENT` for another type. Each
-/// out pointer may be NULL (skipped). The strings are valid during the callback.
+/// The fields of a `PLAYER_QUIT` event: `player_uuid` the leaving player's UUID, `player_name`
+/// that player's name (`PlayerQuitEvent.name`). `PLUGBUS_ERR_INVALID_ARGUMENT` for another
+/// type. Each out pointer may be NULL (skipped). The strings are valid during the callback.
 ///
 /// # Safety
 /// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
@@ -295,7 +303,7 @@ pub unsafe extern "C" fn plugbus_event_join(
 pub unsafe extern "C" fn plugbus_event_quit(
     event: *mut plugbus_event,
     player_uuid: *mut plugbus_str,
-    name: *mut plugbus_str,
+    player_name: *mut plugbus_str,
 ) -> plugbus_status {
     guard(|| {
         // SAFETY: the caller's contract on each pointer.
@@ -305,7 +313,7 @@ pub unsafe extern "C" fn plugbus_event_quit(
                     return Err(Error::invalid(format!("not a PLAYER_QUIT event: {}", kind(e.env))));
                 };
                 put_opt(player_uuid, plugbus_str::new(&q.player_uuid));
-                put_opt(name, plugbus_str::new(&q.name));
+                put_opt(player_name, plugbus_str::new(&q.name));
                 Ok(PLUGBUS_OK)
             })
         }

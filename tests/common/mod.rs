@@ -314,7 +314,7 @@ impl Handler for Recorder<'_> {
         let tag = tag_of(event);
         line(self.out, &format!("ev {} {tag}", event.r#type));
         if let Some(Payload::Command(c)) = &event.payload {
-            if Some(&c.name) == self.command.as_ref() {
+            if Some(&c.command) == self.command.as_ref() {
                 ctx.send_chat(&c.player_uuid, "pong");
                 ctx.teleport(&c.player_uuid, [1.0, 2.0, 3.0], 90.0, 0.0);
             }
@@ -615,14 +615,15 @@ pub fn quit(tag: &str) -> EventEnvelope {
     }
 }
 
-/// Command `name` run by player `tag`.
-pub fn command(tag: &str, name: &str) -> EventEnvelope {
+/// Command `command` (its name, without the slash) run by player `tag`, as a df.plugin host
+/// fills it: `name` is the player's name, `raw` the line typed.
+pub fn command(tag: &str, command: &str) -> EventEnvelope {
     EventEnvelope {
         payload: Some(Payload::Command(CommandEvent {
             player_uuid: tag.to_owned(),
-            name: name.to_owned(),
-            raw: format!("/{name}"),
-            command: name.to_owned(),
+            name: "player".into(),
+            raw: format!("/{command}"),
+            command: command.to_owned(),
             args: Vec::new(),
         })),
         ..Default::default()

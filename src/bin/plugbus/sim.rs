@@ -182,7 +182,7 @@ impl World {
                 let p = &self.players[i];
                 if let Some(Payload::Command(c)) = &mut env.payload {
                     c.player_uuid.push_str(&p.uuid_text);
-                    c.name.push_str("filterstats");
+                    c.name.push_str(&p.name);
                     c.raw.push_str("/filterstats");
                     c.command.push_str("filterstats");
                 }

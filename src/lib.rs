@@ -8,6 +8,7 @@
 //! 3. [`segment`]: named shared-memory segments holding a header and rings;
 //! 4. [`fastpath`] and [`codec`]: move records and frames; envelopes, pools, batches
 //!    ([`proto`] holds the df.plugin types);
+//!    [`jsonl`]: events and moves as JSON Lines (replay input, recorder);
 //! 5. [`transport`], [`host`] and [`plugin`]: the transport port and the two runtimes;
 //! 6. [`ffi`]: the C ABI for plugins.
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -21,6 +22,7 @@ pub mod codec;
 pub mod fastpath;
 pub mod ffi;
 pub mod host;
+pub mod jsonl;
 pub mod plugin;
 pub mod proto;
 pub mod ring;

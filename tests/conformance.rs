@@ -217,7 +217,7 @@ fn c_accessors_return_the_fields_the_seed_fills() {
     config.host.response_timeout_ms = STALL.as_millis() as u64;
     config.host.shutdown_grace_ms = 100;
     let mut host = Host::start(config).expect("host starts");
-    let segment = std::ffi::CString::new(host.segment_of("conf").expect("segment")).unwrap();
+    let segment = std::ffi::CString::new(host.address_of("conf").expect("segment")).unwrap();
     let mut p = null_mut();
     // SAFETY (the calls below): valid C strings, arrays and out pointers; a live handle.
     unsafe {

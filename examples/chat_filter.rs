@@ -1,7 +1,7 @@
 //! A plugin that cancels chat containing a banned word, rewrites another word, and answers a
 //! command it registered (`/filterstats`).
 //!
-//! Started by a plugbus host (which sets `PLUGBUS_SEGMENT` and `PLUGBUS_PLUGIN_ID`).
+//! Started by a plugbus host (which sets `PLUGBUS_ADDRESS` and `PLUGBUS_PLUGIN_ID`).
 //! Options: `--banned WORD` (default `darn`), `--rewrite FROM=TO` (default `heck=h*ck`),
 //! `--wait spin|park|spin-then-park`.
 
@@ -25,6 +25,7 @@ impl Handler for ChatFilter {
                 if lower.contains(&self.banned) {
                     self.cancelled += 1;
                     ctx.send_chat(&chat.player_uuid, "Your message was blocked by the chat filter.");
+                    ctx.log("info", &format!("blocked a message from {}", chat.name));
                     Reply::Cancel
                 } else if lower.contains(&self.from) {
                     self.rewritten += 1;

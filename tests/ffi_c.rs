@@ -514,3 +514,62 @@ fn c_move_counter_under_valgrind_is_clean() {
     assert!(s.starts_with(&format!("end=shutdown moves={sent} players=20 ")), "{s}");
     assert_memcheck_clean(&report);
 }
+
+/// Through `plugbus replay`, the seed host's command event (player "Steve" types `/filterstats`:
+/// `name` is the player's name, `command` the command) reaches the C chat filter, which answers
+/// with its stats message.
+#[test]
+fn c_chat_filter_answers_filterstats_through_replay() {
+    let (chat_filter, _) = examples();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("ffi-c-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let config = dir.join("plugins.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[host]\nresponse_timeout_ms = 30000\nhello_timeout_ms = 30000\n\n[[plugin]]\nid = \"c_chat\"\ncommand = {:?}\nrequired = true\nenv = {{ LD_LIBRARY_PATH = {:?}, PLUGBUS_SUMMARY_FILE = {:?} }}\n",
+            chat_filter.display().to_string(),
+            lib_dir().display().to_string(),
+            dir.join("summary").display().to_string(),
+        ),
+    )
+    .expect("write the config");
+    let events = dir.join("command.jsonl");
+    std::fs::write(
+        &events,
+        "{\"tick\": 1, \"event\": {\"eventId\": \"cmd\", \"type\": \"COMMAND\", \"expectsResponse\": true, \"command\": {\"playerUuid\": \"7d0e8c4e-2f4a-4b44-9a8f-3c1f5d2b6a01\", \"name\": \"Steve\", \"raw\": \"/filterstats\", \"command\": \"filterstats\"}}}\n",
+    )
+    .expect("write the events");
+    let out = Command::new(env!("CARGO_BIN_EXE_plugbus"))
+        .args(["replay", "--settle-ms", "200", "--config"])
+        .arg(&config)
+        .arg("--events")
+        .arg(&events)
+        .env("PLUGBUS_LOG", "warn")
+        .output()
+        .expect("run plugbus replay");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    let answer = lines
+        .iter()
+        .find(|l| l["eventId"] == "cmd")
+        .unwrap_or_else(|| panic!("no outcome: {stdout}"));
+    assert_eq!(answer["answered"], serde_json::json!(["c_chat"]));
+    let sent: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l["action"]["sendChat"]["message"].as_str())
+        .collect();
+    assert_eq!(sent, ["chat filter: 0 blocked, 0 rewritten, 0 passed"], "{stdout}");
+    let to = lines
+        .iter()
+        .find_map(|l| l["action"]["sendChat"]["targetUuid"].as_str())
+        .expect("a target");
+    assert_eq!(
+        to, "7d0e8c4e-2f4a-4b44-9a8f-3c1f5d2b6a01",
+        "sent to the player who typed it"
+    );
+}

@@ -5,6 +5,7 @@
 //! hello_timeout_ms = 2000       # wait for a plugin's PluginHello
 //! response_timeout_ms = 250     # how long an event that expects a response waits
 //! shutdown_grace_ms = 5000      # HostShutdown, then this long, then SIGKILL
+//! record = "session.jsonl"      # optional: write every tick's moves and events, for `plugbus replay`
 //!
 //! [[plugin]]
 //! id = "chat_filter"
@@ -84,8 +85,12 @@ pub struct HostSettings {
     pub batch_max_bytes: usize,
     /// Reply latency above which a plugin is reported slow, ms (default 50).
     pub slow_reply_ms: u64,
-    /// Ring fill (0..1) above which a plugin is reported slow (default 0.75).
+    /// Buffer fill (0..1) above which a plugin is reported slow (default 0.75).
     pub slow_occupancy: f64,
+    /// Write every tick's moves and events to this file, in the input format of
+    /// `plugbus replay` (JSON Lines; see [`crate::jsonl`]). A writer thread does the writing;
+    /// the tick only queues, and drops (counting them) what the writer cannot keep up with.
+    pub record: Option<PathBuf>,
 }
 
 impl Default for HostSettings {
@@ -102,6 +107,7 @@ impl Default for HostSettings {
             batch_max_bytes: 4096,
             slow_reply_ms: 50,
             slow_occupancy: 0.75,
+            record: None,
         }
     }
 }

@@ -108,6 +108,14 @@ pub enum HostError {
     /// The supervisor thread could not start.
     #[error("cannot start the plugin supervisor: {0}")]
     Supervisor(std::io::Error),
+    /// The `record` file could not be created.
+    #[error("cannot record to {path}: {source}")]
+    Record {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 /// Something the embedding server may want to know about a plugin.
@@ -203,6 +211,9 @@ pub struct Host {
     supervisor: Supervisor,
     stats: HostStats,
     last_health: Instant,
+    /// Writes every tick's moves and events (the `record` setting), and its scratch buffer.
+    recorder: Option<crate::jsonl::Recorder>,
+    record_buf: Vec<u8>,
     /// Until `start` returns: the first plugin whose link or process could not be made.
     start_error: Option<HostError>,
     started: bool,
@@ -249,6 +260,15 @@ impl Host {
             }
         }
         let settings = config.host.clone();
+        let recorder = match &settings.record {
+            Some(path) => Some(
+                crate::jsonl::Recorder::create(path).map_err(|source| HostError::Record {
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
         let mut host = Self {
             limits: BatchLimits {
                 max_events: settings.batch_max_events,
@@ -274,6 +294,8 @@ impl Host {
             supervisor: Supervisor::start(transports).map_err(HostError::Supervisor)?,
             stats: HostStats::default(),
             last_health: Instant::now(),
+            recorder,
+            record_buf: Vec::new(),
             start_error: None,
             started: false,
             shut_down: false,
@@ -449,6 +471,16 @@ impl Host {
         self.supervisor.send(Request::Shutdown { grace, links });
         self.supervisor
             .wait_shut_down(grace + Duration::from_secs(5), &self.slots);
+        if let Some(r) = self.recorder.take() {
+            let dropped = r.dropped();
+            match r.finish() {
+                Ok(lines) if dropped == 0 => tracing::info!("recorded {lines} lines"),
+                Ok(lines) => {
+                    tracing::warn!("recorded {lines} lines; {dropped} items dropped (the writer could not keep up)")
+                }
+                Err(e) => tracing::error!("recording failed: {e}"),
+            }
+        }
     }
 }
 

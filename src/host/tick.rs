@@ -93,6 +93,10 @@ impl Host {
     fn route(&mut self, env: &mut EventEnvelope, respond: bool) -> u64 {
         let ty = env.payload.as_ref().map_or(env.r#type, |p| p.event_type() as i32);
         env.r#type = ty;
+        if let Some(r) = self.recorder.as_mut() {
+            crate::codec::encode_body(env, &mut self.record_buf);
+            r.event(self.tick, &self.record_buf);
+        }
         if let Some(Payload::PlayerQuit(q)) = &env.payload {
             if let Some(uuid) = uuid_from_str(&q.player_uuid) {
                 self.forget_player(&uuid);
@@ -200,6 +204,9 @@ impl Host {
         let limit = self.settings.overflow_frames;
         let mut failed: Vec<(usize, String)> = Vec::new();
         self.stats.moves_offered += self.moves.len() as u64;
+        if let Some(r) = self.recorder.as_mut() {
+            r.moves(self.tick, &self.moves);
+        }
         for i in 0..self.slots.len() {
             let s = &mut self.slots[i];
             if !s.is_ready() {

@@ -22,6 +22,9 @@ pub struct DemoArgs {
     /// Serve Prometheus metrics at this address (e.g. 127.0.0.1:9464).
     #[arg(long)]
     pub metrics_addr: Option<String>,
+    /// Record every tick's moves and events to this file (the input of `plugbus replay`).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<std::path::PathBuf>,
 }
 
 impl Default for DemoArgs {
@@ -31,6 +34,7 @@ impl Default for DemoArgs {
             tps: 50,
             seconds: 10.0,
             metrics_addr: None,
+            record: None,
         }
     }
 }
@@ -104,6 +108,7 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
         seed: 7,
         busy_pacing: false,
         kill_one_at: None,
+        record: args.record.clone(),
     };
     println!(
         "plugbus demo: {} players at {} ticks/s for {} s, plugins chat_filter and move_counter ({})",

@@ -33,6 +33,8 @@ pub struct LoadSpec {
     pub busy_pacing: bool,
     /// SIGKILL the first plugin this many seconds into the run, from another thread.
     pub kill_one_at: Option<f64>,
+    /// Record the session (the host's `record` setting).
+    pub record: Option<std::path::PathBuf>,
 }
 
 /// Percentiles of a latency histogram.
@@ -207,6 +209,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     let mut config = HostConfig::new(configs);
     config.host.hello_timeout_ms = 10_000;
     config.host.shutdown_grace_ms = 10_000;
+    config.host.record.clone_from(&spec.record);
     let mut host = Host::start(config).map_err(|e| e.to_string())?;
     let ids: Vec<String> = (0..spec.plugins.len()).map(|i| format!("load-{i}")).collect();
     // Wait until each plugin's subscriptions are in, so the measured window starts clean.

@@ -8,6 +8,7 @@ mod load_plugin;
 mod loadtest;
 mod metrics_http;
 mod plot;
+mod replay;
 mod sim;
 mod wire;
 
@@ -126,6 +127,9 @@ enum Cmd {
     Loadtest(LoadArgs),
     /// The same workload over plugbus and over the old design's transport, side by side.
     Compare(CompareArgs),
+    /// Feeds a plugin (or several) recorded or hand-written moves and events, and writes what
+    /// they decided: a test bench for any plugin.
+    Replay(ReplayArgs),
     /// Lists the plugbus segments on this machine.
     Inspect,
     /// Removes segments whose creator is dead.
@@ -179,6 +183,28 @@ struct LoadArgs {
     /// gives each plugin's lost critical events apart.
     #[arg(long, value_name = "SECONDS")]
     kill_one_at: Option<f64>,
+    /// Record every tick's moves and events to this file (the input of `plugbus replay`).
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct ReplayArgs {
+    /// The host configuration: the plugins to run (TOML, as for an embedded host).
+    #[arg(long)]
+    config: PathBuf,
+    /// The moves and events to feed, JSON Lines (what `--record` writes).
+    #[arg(long)]
+    events: PathBuf,
+    /// Where to write what the plugins decided, JSON Lines (default: standard output).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Ticks per second.
+    #[arg(long, default_value_t = 20)]
+    tps: u32,
+    /// After the last line, keep ticking this long to collect late actions and logs.
+    #[arg(long, default_value_t = 500)]
+    settle_ms: u64,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -223,6 +249,16 @@ fn main() {
         Some(Cmd::Compare(args)) => {
             init_logging("warn");
             compare::run(args.seconds, &args.wait, args.json.as_deref()).map(|_| ())
+        }
+        Some(Cmd::Replay(a)) => {
+            init_logging("warn");
+            replay::run(&replay::ReplaySpec {
+                config: &a.config,
+                events: &a.events,
+                out: a.out.as_deref(),
+                tps: a.tps,
+                settle: std::time::Duration::from_millis(a.settle_ms),
+            })
         }
         Some(Cmd::Inspect) => inspect::inspect(),
         Some(Cmd::Cleanup) => inspect::cleanup(),
@@ -301,6 +337,7 @@ fn loadtest_cmd(a: &LoadArgs) -> Result<(), String> {
         seed: 42,
         busy_pacing: a.busy_pacing,
         kill_one_at: a.kill_one_at,
+        record: a.record.clone(),
     };
     let pb = demo::progress_bar(spec.seconds, spec.tps);
     let (mut report, _host) = loadtest::run(&spec, |p| demo::show_progress(&pb, p))?;

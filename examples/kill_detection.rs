@@ -7,7 +7,7 @@
 //! `Disconnected` notice) and to the notice being handled in the host's poll loop, which here
 //! polls every millisecond like a busy game loop.
 //!
-//! The same binary is the plugin: with `PLUGBUS_SEGMENT` set it connects and parks.
+//! The same binary is the plugin: with `PLUGBUS_ADDRESS` set it connects and parks.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,7 +52,7 @@ fn report(what: &str, detected: &Hist, handled: &Hist) {
 }
 
 fn main() {
-    if std::env::var_os("PLUGBUS_SEGMENT").is_some() {
+    if std::env::var_os(plugbus::transport::ENV_ADDRESS).is_some() {
         let r = Plugin::from_env().and_then(|b| b.subscribe([EventType::All]).wait(WaitStrategy::Park).run(&mut Idle));
         if let Err(e) = r {
             eprintln!("kill_detection plugin: {e}");

@@ -1,6 +1,6 @@
 //! A plugin that counts moves per player and logs a summary every second.
 //!
-//! Started by a plugbus host (which sets `PLUGBUS_SEGMENT` and `PLUGBUS_PLUGIN_ID`); see the
+//! Started by a plugbus host (which sets `PLUGBUS_ADDRESS` and `PLUGBUS_PLUGIN_ID`); see the
 //! README. Moves arrive as `&[MoveRecord]` straight from shared memory.
 //!
 //! Options: `--wait spin|park|spin-then-park`, `--exit-after N` (stop after N summaries).

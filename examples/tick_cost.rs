@@ -23,7 +23,7 @@ impl Handler for Idle {}
 
 fn main() {
     let wait = std::env::var("W").unwrap_or_else(|_| "park".into());
-    if std::env::var_os("PLUGBUS_SEGMENT").is_some() {
+    if std::env::var_os(plugbus::transport::ENV_ADDRESS).is_some() {
         let wait: WaitStrategy = wait.parse().expect("W: spin, park or spin-then-park");
         let r = Plugin::from_env().and_then(|b| b.subscribe([EventType::All]).wait(wait).run(&mut Idle));
         if let Err(e) = r {

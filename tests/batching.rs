@@ -7,7 +7,7 @@
 //! Two levels:
 //! - [`BatchBuilder`] and [`BatchLimits`] directly (the limits, the frame, order);
 //! - the host runtime end to end: a real [`Host`] launches this test binary as its plugin
-//!   (`--exact child_plugin`, which does nothing unless `PLUGBUS_SEGMENT` is set). The child
+//!   (`--exact child_plugin`, which does nothing unless `PLUGBUS_ADDRESS` is set). The child
 //!   connects with the plugin runtime (hello, subscriptions), then reads raw control frames from
 //!   its link, so it sees frame boundaries: each frame is one line in a file whose path the
 //!   parent passes in [`OUT_VAR`] (the host forwards plugin stdout into its log, so stdout is

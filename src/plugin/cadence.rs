@@ -4,7 +4,7 @@
 //! end of a tick. A parked plugin costs the host a futex wake-up per tick, on the tick thread (on
 //! a virtual machine an inter-processor interrupt: tens of microseconds). A plugin that knows
 //! when the next burst is due can instead set its own timer a little earlier and spin through
-//! the arrival: the host's doorbell then finds it awake and rings without a system call, and the
+//! the arrival: the host's wake-up then finds it awake and costs no system call, and the
 //! timer's cost lands on the plugin, not on the tick.
 //!
 //! [`Cadence`] watches when bursts start (work after at least [`BURST_GAP`] of silence) and

@@ -37,7 +37,7 @@ pub type QueryCallback = Box<dyn FnOnce(&mut Context<'_>, &ActionResult) + Send>
 /// Most encoded messages a plugin may hold while the host is not reading its replies.
 pub(crate) const OUTBOX_LIMIT: usize = 65_536;
 
-/// Encoded messages waiting for room in the replies ring, in order.
+/// Encoded messages waiting for room on the link, in order.
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
     pub frames: VecDeque<Vec<u8>>,

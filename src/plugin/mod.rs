@@ -89,14 +89,14 @@ pub trait Handler {
 pub enum WaitStrategy {
     /// Busy-poll: lowest latency, one core at 100%.
     Spin,
-    /// Spin this long after the last work, then sleep on the doorbell (default: 50 µs).
+    /// Spin this long after the last work, then sleep until the host sends (default: 50 µs).
     SpinThenPark(Duration),
-    /// Sleep on the doorbell at once: near-zero idle CPU, a futex wake-up per tick.
+    /// Sleep at once: near-zero idle CPU, a wake-up (a system call on the host's side) per tick.
     Park,
     /// Spin-then-park that also learns the host's tick cadence ([`Cadence`]): it sets its own
     /// timer `lead` before the next tick is due and spins until the tick lands (at most `lead`
-    /// past its due time), so the host's doorbell finds it awake and the tick pays no futex
-    /// wake-up. Costs about `2 x lead + spin` of CPU per tick; while no steady cadence is seen
+    /// past its due time), so the host's wake-up finds it awake and the tick pays no system
+    /// call for it. Costs about `2 x lead + spin` of CPU per tick; while no steady cadence is seen
     /// it behaves as `SpinThenPark(spin)`.
     Paced {
         /// Spin this long after the last work (as `SpinThenPark`).
@@ -119,7 +119,7 @@ impl WaitStrategy {
 pub enum IdleStep {
     /// Poll again after a spin hint.
     Spin,
-    /// Sleep on the doorbell for at most this long.
+    /// Sleep until the host sends, for at most this long.
     Park(Duration),
 }
 
@@ -354,8 +354,8 @@ impl<L: PluginLink> Plugin<L> {
         p.flush()?;
         let deadline = Instant::now() + b.hello_timeout;
         loop {
-            // The state is read before the ring: a host that refuses writes its reason, then
-            // marks the segment shutting down, so a refusal seen here is in the ring below.
+            // The state is read before the link: a host that refuses writes its reason, then
+            // closes the link, so a refusal seen here is in what the poll below reads.
             let state = p.link.host_state();
             let mut got: Option<Result<HostHello, String>> = None;
             let decoder = &mut p.decoder;
@@ -572,7 +572,7 @@ impl<L: PluginLink> Plugin<L> {
                         });
                     }
                     HostState::ShuttingDown => {
-                        // The HostShutdown message may already be in the ring: one more poll.
+                        // The HostShutdown message may already be on the link: one more poll.
                         self.poll(handler)?;
                         let reason = self.shutdown.clone().unwrap_or_else(|| "host shutting down".into());
                         handler.on_shutdown(&reason);

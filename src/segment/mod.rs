@@ -113,7 +113,7 @@ pub enum SegmentCreateError {
 #[derive(Debug, thiserror::Error)]
 pub enum SegmentOpenError {
     /// No segment by that name.
-    #[error("no segment named {0:?} (is the host running? is PLUGBUS_SEGMENT right?)")]
+    #[error("no segment named {0:?} (is the host running? is the address right?)")]
     NotFound(String),
     /// The name is not a valid plugbus segment name.
     #[error("invalid segment name {0:?}")]

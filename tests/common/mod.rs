@@ -4,7 +4,7 @@
 //! **Child processes.** Every test binary that says `mod common;` contains the two tests
 //! [`plugin_child`] and [`host_child`]; both return at once in a normal run. A test makes a
 //! plugin by re-executing its own binary (`--exact common::plugin_child`) through a
-//! [`PluginConfig`] built by [`child_plugin`]; the host sets `PLUGBUS_SEGMENT`, and the child
+//! [`PluginConfig`] built by [`child_plugin`]; the host sets `PLUGBUS_ADDRESS`, and the child
 //! then connects with the plugin runtime and behaves as the `TEST_PLUGIN_*` variables say.
 //! [`spawn_host_child`] does the same for a whole host (`--exact common::host_child`), for the
 //! tests that kill a host.

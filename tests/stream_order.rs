@@ -222,6 +222,21 @@ fn event(ty: EventType, p: u64) -> EventEnvelope {
     }
 }
 
+/// Publishes (or, for a chat, dispatches) event `ty` of player `p`, and notes it in the model.
+fn send(tick: &mut plugbus::host::Tick<'_>, model: &mut Model, ty: EventType, p: u64) {
+    let mut env = event(ty, p);
+    if ty == EventType::Chat {
+        let _ = tick.dispatch(&mut env);
+    } else {
+        tick.publish(&mut env);
+    }
+    model.events.push(Published {
+        tick: tick.number(),
+        ty: ty as i32,
+        player: p,
+    });
+}
+
 fn player_in(env: &EventEnvelope) -> u64 {
     let uuid = match &env.payload {
         Some(Payload::PlayerJoin(e)) => &e.player_uuid,
@@ -312,17 +327,7 @@ fn a_plugin_held_back_sees_every_tick_in_order() {
             },
         );
         for (ty, p) in events {
-            let mut env = event(ty, p);
-            if ty == EventType::Chat {
-                let _ = tick.dispatch(&mut env);
-            } else {
-                tick.publish(&mut env);
-            }
-            model.events.push(Published {
-                tick: t,
-                ty: ty as i32,
-                player: p,
-            });
+            send(&mut tick, model, ty, p);
             if matches!(ty, EventType::PlayerJoin | EventType::PlayerQuit) {
                 model
                     .presence
@@ -495,17 +500,7 @@ fn run_schedule(steps: &[Step], events_ring: u64) -> Result<(), TestCaseError> {
                 1 => EventType::Chat,
                 _ => EventType::PlayerJump,
             };
-            let mut env = event(ty, p);
-            if ty == EventType::Chat {
-                let _ = tick.dispatch(&mut env);
-            } else {
-                tick.publish(&mut env);
-            }
-            model.events.push(Published {
-                tick: t,
-                ty: ty as i32,
-                player: p,
-            });
+            send(&mut tick, &mut model, ty, p);
             match ty {
                 EventType::PlayerQuit => {
                     left.insert(p);

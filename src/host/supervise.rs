@@ -188,6 +188,12 @@ struct Thread {
     shutting_down: Option<Vec<String>>,
 }
 
+/// A pidfd for process `pid`: readable once it exits.
+fn pidfd_of(pid: u32) -> rustix::io::Result<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid as i32).ok_or(rustix::io::Errno::SRCH)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+}
+
 /// The longest poll when nothing is due (a request wakes it at once).
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
@@ -323,29 +329,24 @@ impl Thread {
                 self.procs
                     .retain(|p| !(p.slot == slot && p.generation == generation && p.child.is_none()));
             }
-            Request::WatchPid { slot, generation, pid } => {
-                let watched = rustix::process::Pid::from_raw(pid as i32)
-                    .ok_or(rustix::io::Errno::SRCH)
-                    .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()));
-                match watched {
-                    Ok(pidfd) => self.procs.push(Proc {
+            Request::WatchPid { slot, generation, pid } => match pidfd_of(pid) {
+                Ok(pidfd) => self.procs.push(Proc {
+                    slot,
+                    generation,
+                    id: String::new(),
+                    child: None,
+                    pidfd,
+                    kill_at: None,
+                }),
+                Err(_) => {
+                    let _ = self.reports.send(Report::Exited {
                         slot,
                         generation,
-                        id: String::new(),
-                        child: None,
-                        pidfd,
-                        kill_at: None,
-                    }),
-                    Err(_) => {
-                        let _ = self.reports.send(Report::Exited {
-                            slot,
-                            generation,
-                            status: "exited".into(),
-                            at: Instant::now(),
-                        });
-                    }
+                        status: "exited".into(),
+                        at: Instant::now(),
+                    });
                 }
-            }
+            },
             Request::Kill { slot } => {
                 if let Some(p) = self
                     .procs
@@ -375,6 +376,15 @@ impl Thread {
             id: cfg.id.clone(),
             reason,
         };
+        let launch_error = |source: std::io::Error| HostError::Launch {
+            id: cfg.id.clone(),
+            command: cfg
+                .command
+                .as_ref()
+                .map(|c| c.display().to_string())
+                .unwrap_or_default(),
+            source,
+        };
         let acceptor = self
             .transports
             .get(&cfg.transport)
@@ -396,20 +406,9 @@ impl Thread {
                 pid: None,
             });
         }
-        let mut child = launch::spawn(cfg, &opened.env, boot_id).map_err(|source| HostError::Launch {
-            id: cfg.id.clone(),
-            command: cfg
-                .command
-                .as_ref()
-                .map(|c| c.display().to_string())
-                .unwrap_or_default(),
-            source,
-        })?;
+        let mut child = launch::spawn(cfg, &opened.env, boot_id).map_err(launch_error)?;
         let pid = child.id();
-        let pidfd = rustix::process::Pid::from_raw(pid as i32)
-            .ok_or(rustix::io::Errno::SRCH)
-            .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()));
-        match pidfd {
+        match pidfd_of(pid) {
             Ok(pidfd) => self.procs.push(Proc {
                 slot,
                 generation,
@@ -422,15 +421,7 @@ impl Thread {
                 // Without a pidfd the process cannot be watched: do not leave it unwatched.
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(HostError::Launch {
-                    id: cfg.id.clone(),
-                    command: cfg
-                        .command
-                        .as_ref()
-                        .map(|c| c.display().to_string())
-                        .unwrap_or_default(),
-                    source: e.into(),
-                });
+                return Err(launch_error(e.into()));
             }
         }
         Ok(Report::Opened {

@@ -1,4 +1,4 @@
-//! Compiles proto/ with protox (pure Rust, no protoc binary) and prost-build, and derives from the
+//! Compiles proto/ with protox (pure Rust, no protoc binary) and tonic-prost-build, and derives from the
 //! schema's descriptors the per-variant helpers the codec needs (event type of a payload, reset
 //! that keeps allocations, the list of event and action variants for tests), so that a message
 //! added to proto/ is covered without touching Rust code.
@@ -26,9 +26,13 @@ fn main() {
     };
     std::fs::write(out.join("descriptor.bin"), fds.encode_to_vec()).expect("write descriptor set");
 
-    prost_build::Config::new()
+    // Messages (prost) and the `df.plugin.Plugin` service's server and client (tonic), from the
+    // same descriptors.
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
         .compile_fds(fds.clone())
-        .expect("prost-build code generation");
+        .expect("tonic-prost-build code generation");
 
     std::fs::write(out.join("variants.rs"), variants(&fds)).expect("write variants.rs");
 }

@@ -345,10 +345,12 @@ impl MoveRecord {
     }
 }
 
-/// All records as one `PlayerMovementsPacked` message.
-pub fn to_packed(records: &[MoveRecord]) -> proto::PlayerMovementsPacked {
+/// All records as one `PlayerMovementsPacked` message of tick `tick` with frame `flags`.
+pub fn to_packed(tick: u64, flags: u32, records: &[MoveRecord]) -> proto::PlayerMovementsPacked {
     proto::PlayerMovementsPacked {
         moves: records.iter().map(MoveRecord::to_packed).collect(),
+        tick,
+        flags,
     }
 }
 

@@ -29,12 +29,25 @@ fn chat_filter_example() -> PathBuf {
 }
 
 fn config_for(dir: &Path, command: &Path, args: &[&str]) -> PathBuf {
+    config_over(dir, command, args, None)
+}
+
+/// A configuration running `command` as plugin `chat_filter`, over shared memory, or over gRPC
+/// on a Unix socket in `dir` when `grpc` is set.
+fn config_over(dir: &Path, command: &Path, args: &[&str], grpc: Option<&str>) -> PathBuf {
     let path = dir.join("plugins.toml");
     let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+    let (listen, transport) = match grpc {
+        Some(sock) => (
+            format!("listen = [\"unix://{}\"]\n", dir.join(sock).display()),
+            "transport = \"grpc\"\n",
+        ),
+        None => (String::new(), ""),
+    };
     std::fs::write(
         &path,
         format!(
-            "[host]\nresponse_timeout_ms = 2000\nhello_timeout_ms = 30000\n\n[[plugin]]\nid = \"chat_filter\"\ncommand = {:?}\nargs = [{}]\nrequired = true\n",
+            "[host]\nresponse_timeout_ms = 2000\nhello_timeout_ms = 30000\n{listen}\n[[plugin]]\nid = \"chat_filter\"\ncommand = {:?}\nargs = [{}]\nrequired = true\n{transport}",
             command.display().to_string(),
             args.join(", ")
         ),
@@ -147,6 +160,28 @@ fn the_example_chat_events_through_the_example_chat_filter() {
     // Twice: the same lines but for the timing field.
     let second = json_lines(&replay(&config, &events, &[]));
     assert_eq!(without_timing(&first), without_timing(&second));
+}
+
+/// The same replay file against the example chat filter over shared memory and over gRPC: the
+/// same decisions.
+#[test]
+fn the_same_decisions_over_shared_memory_and_grpc() {
+    let events = root().join("examples/replay/chat.jsonl");
+    let args = ["--banned", "darn", "--rewrite", "heck=h*ck"];
+    let shm_dir = scratch("over-shm");
+    let shm = json_lines(&replay(
+        &config_for(&shm_dir, &chat_filter_example(), &args),
+        &events,
+        &[],
+    ));
+    let grpc_dir = scratch("over-grpc");
+    let grpc = json_lines(&replay(
+        &config_over(&grpc_dir, &chat_filter_example(), &args, Some("host.sock")),
+        &events,
+        &[],
+    ));
+    assert!(shm.len() >= 7, "{shm:#?}");
+    assert_eq!(without_timing(&shm), without_timing(&grpc));
 }
 
 #[test]

@@ -87,6 +87,9 @@ pub struct HostSettings {
     pub slow_reply_ms: u64,
     /// Buffer fill (0..1) above which a plugin is reported slow (default 0.75).
     pub slow_occupancy: f64,
+    /// Where plugins of a network transport (`transport = "grpc"`) connect: `unix:///path`
+    /// (created 0600) or a loopback `tcp://127.0.0.1:port` (default: none).
+    pub listen: Vec<String>,
     /// Write every tick's moves and events to this file, in the input format of
     /// `plugbus replay` (JSON Lines; see [`crate::jsonl`]). A writer thread does the writing;
     /// the tick only queues, and drops (counting them) what the writer cannot keep up with.
@@ -107,6 +110,7 @@ impl Default for HostSettings {
             batch_max_bytes: 4096,
             slow_reply_ms: 50,
             slow_occupancy: 0.75,
+            listen: Vec::new(),
             record: None,
         }
     }

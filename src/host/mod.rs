@@ -249,6 +249,10 @@ impl Host {
     /// required ones' hello.
     pub fn start_with(config: HostConfig, mut transports: Transports) -> Result<Self, HostError> {
         config.validate()?;
+        for a in transports.all() {
+            a.listen(&config.host.listen)
+                .map_err(|e| ConfigError::new(None, Some("host.listen"), e))?;
+        }
         for p in &config.plugins {
             if transports.get(&p.transport).is_none() {
                 return Err(ConfigError::new(

@@ -37,10 +37,12 @@
 //!    peer that breaks the protocol yields [`LinkError::Protocol`]; a link whose medium failed
 //!    under it (truncated memory, reset connection) yields [`LinkError::Broken`] and says why
 //!    in [`HostLink::failure`]. The host then disconnects the plugin with that text.
-//! 7. **Addresses.** An address is `scheme:rest` (`shm:plugbus.chat.1234.1`). The host gives a
-//!    launched plugin its address in [`ENV_ADDRESS`] (with whatever else [`OpenedLink::env`]
-//!    holds); the plugin runtime calls [`connect`], which picks the connector by scheme.
+//! 7. **Addresses.** An address is `scheme:rest` (`shm:plugbus.chat.1234.1`,
+//!    `unix:///run/plugbus.sock`, `tcp://127.0.0.1:50050`). The host gives a launched plugin its
+//!    address in [`ENV_ADDRESS`] (with whatever else [`OpenedLink::env`] holds); the plugin
+//!    runtime calls [`connect`], which picks the connector by scheme.
 
+pub mod grpc;
 pub mod shm;
 
 use std::time::Duration;
@@ -352,6 +354,12 @@ pub trait Acceptor: Send {
     fn name(&self) -> &'static str;
     /// Removes what hosts that died left behind; returns what it removed, for the log.
     fn clean_stale(&mut self) -> Vec<String>;
+    /// Takes the host's `listen` addresses (where remote plugins connect); an acceptor that
+    /// listens nowhere ignores them. Called once, before any `open`.
+    fn listen(&mut self, addresses: &[String]) -> Result<(), String> {
+        let _ = addresses;
+        Ok(())
+    }
     /// Makes a link for one plugin.
     fn open(&mut self, request: &LinkRequest<'_>) -> Result<OpenedLink, OpenError>;
 }
@@ -368,10 +376,10 @@ impl std::fmt::Debug for Transports {
 }
 
 impl Transports {
-    /// Every transport plugbus ships (shared memory).
+    /// Every transport plugbus ships (shared memory, gRPC).
     pub fn standard() -> Self {
         Self {
-            acceptors: vec![Box::new(shm::ShmAcceptor)],
+            acceptors: vec![Box::new(shm::ShmAcceptor), Box::new(grpc::GrpcAcceptor::default())],
         }
     }
 
@@ -446,39 +454,39 @@ pub enum ConnectError {
 
 /// Makes the plugin's end of a link from an address.
 pub trait Connector: Sync {
-    /// The address scheme it reads (`shm`).
-    fn scheme(&self) -> &'static str;
+    /// The address schemes it reads (`shm`; `unix` and `tcp`).
+    fn schemes(&self) -> &'static [&'static str];
     /// Whether `address` is one it reads without a scheme prefix (shared memory takes a bare
-    /// segment name).
+    /// segment name, gRPC a bare `host:port`).
     fn claims_bare(&self, address: &str) -> bool;
     /// An address from this transport's own environment variables, for plugins started by
-    /// hand (attach mode).
+    /// hand (attach mode) or by another host.
     fn address_from_env(&self) -> Option<String>;
-    /// Checks an address (without its `scheme:` prefix) without connecting.
+    /// Checks an address without connecting.
     fn check(&self, address: &str) -> Result<(), String>;
-    /// Connects to `address` (without its `scheme:` prefix).
+    /// Connects to `address`.
     fn connect(&self, address: &str) -> Result<Box<dyn PluginLink>, ConnectError>;
 }
 
-/// Every connector plugbus ships.
+/// Every connector plugbus ships, in the order they claim bare addresses.
 pub fn connectors() -> &'static [&'static dyn Connector] {
-    static ALL: [&dyn Connector; 1] = [&shm::ShmConnector];
+    static ALL: [&dyn Connector; 2] = [&shm::ShmConnector, &grpc::GrpcConnector];
     &ALL
 }
 
-/// The connector that reads `address`, and the address without its scheme.
-fn pick(address: &str) -> Result<(&'static dyn Connector, &str), ConnectError> {
-    for c in connectors() {
-        if let Some(rest) = address.strip_prefix(c.scheme()).and_then(|r| r.strip_prefix(':')) {
-            return Ok((*c, rest));
-        }
+/// The connector that reads `address`.
+fn pick(address: &str) -> Result<&'static dyn Connector, ConnectError> {
+    let scheme = address.split_once(':').map(|(s, _)| s);
+    if let Some(c) = connectors()
+        .iter()
+        .find(|c| scheme.is_some_and(|s| c.schemes().contains(&s)))
+    {
+        return Ok(*c);
     }
-    for c in connectors() {
-        if c.claims_bare(address) {
-            return Ok((*c, address));
-        }
+    if let Some(c) = connectors().iter().find(|c| c.claims_bare(address)) {
+        return Ok(*c);
     }
-    let schemes: Vec<&str> = connectors().iter().map(|c| c.scheme()).collect();
+    let schemes: Vec<&str> = connectors().iter().flat_map(|c| c.schemes().iter().copied()).collect();
     Err(ConnectError::BadAddress {
         address: address.to_owned(),
         reason: format!("expected <scheme>:<address> with a scheme among {schemes:?}"),
@@ -487,17 +495,17 @@ fn pick(address: &str) -> Result<(&'static dyn Connector, &str), ConnectError> {
 
 /// Connects the plugin's end of a link at `address`, with the connector its scheme names.
 pub fn connect(address: &str) -> Result<Box<dyn PluginLink>, ConnectError> {
-    let (c, rest) = pick(address)?;
-    c.connect(rest)
+    pick(address)?.connect(address)
 }
 
 /// Whether `address` is one a connector reads and well formed (without connecting).
 pub fn check_address(address: &str) -> Result<(), ConnectError> {
-    let (c, rest) = pick(address)?;
-    c.check(rest).map_err(|reason| ConnectError::BadAddress {
-        address: address.to_owned(),
-        reason,
-    })
+    pick(address)?
+        .check(address)
+        .map_err(|reason| ConnectError::BadAddress {
+            address: address.to_owned(),
+            reason,
+        })
 }
 
 /// The address a plugin was given: [`ENV_ADDRESS`], else a transport's own variable.

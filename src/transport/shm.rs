@@ -79,6 +79,11 @@ fn specs(q: &QueueSizes) -> [RingSpec; 3] {
     ]
 }
 
+/// `shm:plugbus.x` as `plugbus.x`.
+fn without_scheme(address: &str) -> &str {
+    address.strip_prefix("shm:").unwrap_or(address)
+}
+
 /// A segment name from an address without its scheme (`plugbus.x`), checked.
 fn segment_name(address: &str) -> Result<&str, String> {
     if segment::valid_name(address) {
@@ -238,8 +243,7 @@ impl Acceptor for ShmAcceptor {
     fn open(&mut self, request: &LinkRequest<'_>) -> Result<OpenedLink, OpenError> {
         let name = match request.address {
             Some(a) => {
-                let a = a.strip_prefix("shm:").unwrap_or(a);
-                let name = segment_name(a).map_err(OpenError)?;
+                let name = segment_name(without_scheme(a)).map_err(OpenError)?;
                 // A fixed name left behind by an earlier run of this host, or by the previous
                 // incarnation of this plugin: remove it.
                 let _ = Segment::unlink(name);
@@ -459,8 +463,8 @@ impl HostLink for ShmHostLink {
 pub struct ShmConnector;
 
 impl Connector for ShmConnector {
-    fn scheme(&self) -> &'static str {
-        SCHEME
+    fn schemes(&self) -> &'static [&'static str] {
+        &[SCHEME]
     }
 
     fn claims_bare(&self, address: &str) -> bool {
@@ -475,10 +479,11 @@ impl Connector for ShmConnector {
     }
 
     fn check(&self, address: &str) -> Result<(), String> {
-        segment_name(address).map(drop)
+        segment_name(without_scheme(address)).map(drop)
     }
 
     fn connect(&self, address: &str) -> Result<Box<dyn PluginLink>, ConnectError> {
+        let address = without_scheme(address);
         let name = segment_name(address).map_err(|reason| ConnectError::BadAddress {
             address: address.to_owned(),
             reason,

@@ -109,6 +109,7 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
         busy_pacing: false,
         kill_one_at: None,
         record: args.record.clone(),
+        transport: "shm".into(),
     };
     println!(
         "plugbus demo: {} players at {} ticks/s for {} s, plugins chat_filter and move_counter ({})",

@@ -35,6 +35,8 @@ pub struct LoadSpec {
     pub kill_one_at: Option<f64>,
     /// Record the session (the host's `record` setting).
     pub record: Option<std::path::PathBuf>,
+    /// `shm` (default) or `grpc` (over a Unix socket).
+    pub transport: String,
 }
 
 /// Percentiles of a latency histogram.
@@ -67,6 +69,8 @@ pub struct LoadReport {
     pub plugins: usize,
     pub seconds: f64,
     pub wait: String,
+    /// `shm` or `grpc`.
+    pub transport: String,
     /// Whether the tick thread spun between ticks instead of sleeping.
     pub busy_pacing: bool,
     pub pinned: Option<Pinning>,
@@ -199,6 +203,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
                     &dir.join(format!("{id}.critical")).display().to_string(),
                 );
         }
+        cfg.transport.clone_from(&spec.transport);
         if spec.pin {
             let cpu = (1 + i) % ncpu;
             plugin_cpus.push(cpu);
@@ -210,6 +215,9 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     config.host.hello_timeout_ms = 10_000;
     config.host.shutdown_grace_ms = 10_000;
     config.host.record.clone_from(&spec.record);
+    if spec.transport == "grpc" {
+        config.host.listen = vec![format!("unix://{}", dir.join("host.sock").display())];
+    }
     let mut host = Host::start(config).map_err(|e| e.to_string())?;
     let ids: Vec<String> = (0..spec.plugins.len()).map(|i| format!("load-{i}")).collect();
     // Wait until each plugin's subscriptions are in, so the measured window starts clean.
@@ -238,6 +246,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
         tps: spec.tps,
         plugins: spec.plugins.len(),
         seconds: spec.seconds,
+        transport: spec.transport.clone(),
         busy_pacing: spec.busy_pacing,
         pinned: spec.pin.then(|| Pinning {
             host_cpu: 0,
@@ -540,10 +549,11 @@ pub fn print(r: &LoadReport) {
     let us = |ns: u64| format!("{:.2} µs", ns as f64 / 1000.0);
     println!();
     println!(
-        "plugbus load test: {} players x {} tps x {} plugins, {:.1} s ({} ticks, {} overruns), wait={}{}{}",
+        "plugbus load test: {} players x {} tps x {} plugins over {}, {:.1} s ({} ticks, {} overruns), wait={}{}{}",
         r.players,
         r.tps,
         r.plugins,
+        r.transport,
         r.seconds,
         r.ticks,
         r.tick_overruns,

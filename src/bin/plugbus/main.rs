@@ -186,6 +186,9 @@ struct LoadArgs {
     /// Record every tick's moves and events to this file (the input of `plugbus replay`).
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
+    /// How the plugins connect: `shm` (shared memory) or `grpc` (df.plugin over a Unix socket).
+    #[arg(long, default_value = "shm", value_parser = ["shm", "grpc"])]
+    transport: String,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -338,6 +341,7 @@ fn loadtest_cmd(a: &LoadArgs) -> Result<(), String> {
         busy_pacing: a.busy_pacing,
         kill_one_at: a.kill_one_at,
         record: a.record.clone(),
+        transport: a.transport.clone(),
     };
     let pb = demo::progress_bar(spec.seconds, spec.tps);
     let (mut report, _host) = loadtest::run(&spec, |p| demo::show_progress(&pb, p))?;

@@ -35,11 +35,11 @@ if not errors:
     need(len(load["plugin_cpu_percent"]) == load["plugins"], "load: plugin_cpu_percent length")
     need(all(not math.isnan(c) and c >= 0 for c in load["plugin_cpu_percent"]), "load: bad plugin cpu")
 
-for side in ["plugbus", "baseline"]:
+for side in ["plugbus", "baseline", "grpc", "grpc_batched"]:
     need(side in cmp_, f"compare: missing {side}")
     if side in cmp_:
         s = cmp_[side]
-        for k in ["events_per_s", "p50_ns", "p99_ns", "host_cpu_ns_per_event"]:
+        for k in ["events_per_s", "messages_per_s", "p50_ns", "p99_ns", "host_cpu_ns_per_event"]:
             need(k in s and s[k] > 0, f"compare: {side}.{k} missing or not positive")
 for k in ["throughput_ratio", "p99_ratio"]:
     need(k in cmp_ and cmp_[k] > 0, f"compare: {k} missing or not positive")

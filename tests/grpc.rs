@@ -516,3 +516,156 @@ fn the_example_chat_filter_runs_launched_over_grpc() {
     assert_eq!(host.metrics().plugins["chat"].restarts, 1);
     host.shutdown("done");
 }
+
+/// Opens a stream over TLS (checking the host's certificate against `ca`) with `token`, sends a
+/// hello as `id`; returns the status the call ended with, or `Ok` once it is bound.
+async fn tls_hello(port: u16, ca: Vec<u8>, token: Option<&str>, id: &str) -> Result<(), tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name("127.0.0.1"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut client = PluginClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if let Some(b) = &bearer {
+            req.metadata_mut().insert("authorization", b.parse().unwrap());
+        }
+        Ok(req)
+    });
+    let (tx, rx) = tokio::sync::mpsc::channel::<PluginToHost>(4);
+    tx.send(PluginToHost {
+        plugin_id: id.into(),
+        payload: Some(plugin_to_host::Payload::Hello(PluginHello {
+            api_version: "v1".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = client.event_stream(ReceiverStream::new(rx)).await?.into_inner();
+    // Bound: the host's hello comes back.
+    let first = inbound.message().await?;
+    assert!(matches!(
+        first.and_then(|m| m.payload),
+        Some(host_to_plugin::Payload::Hello(_))
+    ));
+    drop(tx);
+    Ok(())
+}
+
+/// Plugins on other machines: the host listens on every interface over TLS with a token. The
+/// example chat filter, launched with the certificate and the token file, works; a client with
+/// a wrong or no token gets UNAUTHENTICATED; a client without TLS gets nothing.
+#[test]
+fn tls_and_a_token_admit_plugins_and_refuse_the_rest() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let dir = std::env::temp_dir().join(format!("plugbus-grpc-{}-tls", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key, token) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("token"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        // A server certificate, not a CA's (rustls refuses a CA certificate as the server's).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl (is it installed?)");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    std::fs::write(&token, "s3cret-t0ken\n").unwrap();
+
+    let exe = std::env::current_exe().unwrap();
+    let example = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("examples/chat_filter");
+    let mut chat_filter = PluginConfig::launch("chat", example).required(true);
+    chat_filter.transport = "grpc".into();
+    let mut cfg = HostConfig::new(vec![chat_filter, grpc_attached("remote")]);
+    cfg.host.listen = vec!["tcp://0.0.0.0:0".into()];
+    cfg.host.tls_cert = Some(cert.clone());
+    cfg.host.tls_key = Some(key.clone());
+    cfg.host.token_file = Some(token.clone());
+    cfg.host.hello_timeout_ms = STALL.as_millis() as u64;
+    cfg.host.response_timeout_ms = STALL.as_millis() as u64;
+    let mut host = Host::start(cfg).expect("host starts with TLS and a token");
+    let address = host.address_of("chat").unwrap().to_owned();
+    assert!(address.starts_with("https://127.0.0.1:"), "{address}");
+    let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+
+    wait_until(&mut host, "the chat filter over TLS", |h| {
+        h.is_subscribed("chat", EventType::Chat)
+    });
+    let mut tick = host.begin_tick();
+    let darn = tick.dispatch(&mut chat("darn"));
+    tick.end();
+    assert!(host.wait(&darn, Instant::now() + STALL).cancelled);
+
+    let ca = std::fs::read(&cert).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let wrong = rt.block_on(tls_hello(port, ca.clone(), Some("guess"), "remote"));
+    assert_eq!(wrong.expect_err("a wrong token").code(), tonic::Code::Unauthenticated);
+    let none = rt.block_on(tls_hello(port, ca.clone(), None, "remote"));
+    assert_eq!(none.expect_err("no token").code(), tonic::Code::Unauthenticated);
+    let plain = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+                .unwrap()
+                .connect()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let (_tx, rx) = tokio::sync::mpsc::channel::<PluginToHost>(1);
+            PluginClient::new(channel)
+                .event_stream(ReceiverStream::new(rx))
+                .await
+                .map(drop)
+        })
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in 10 s")))
+    });
+    assert!(plain.is_err(), "a plaintext client gets no stream");
+    assert!(!host.is_ready("remote"));
+    // The right token: bound, and the host's hello comes back (the host answers as it polls).
+    let remote = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(tls_hello(port, ca, Some("s3cret-t0ken"), "remote"))
+    });
+    wait_until(&mut host, "the remote plugin's hello", |_| remote.is_finished());
+    remote.join().unwrap().expect("the right token binds");
+    host.shutdown("done");
+}
+
+#[test]
+fn a_non_loopback_address_with_tls_but_no_token_is_refused() {
+    let mut cfg = HostConfig::new(vec![grpc_attached("x")]);
+    cfg.host.listen = vec!["tcp://0.0.0.0:0".into()];
+    cfg.host.tls_cert = Some("/nonexistent/cert.pem".into());
+    cfg.host.tls_key = Some("/nonexistent/key.pem".into());
+    let msg = Host::start(cfg).expect_err("refused").to_string();
+    assert!(msg.contains("cert.pem"), "the unreadable certificate is named: {msg}");
+}

@@ -88,8 +88,15 @@ pub struct HostSettings {
     /// Buffer fill (0..1) above which a plugin is reported slow (default 0.75).
     pub slow_occupancy: f64,
     /// Where plugins of a network transport (`transport = "grpc"`) connect: `unix:///path`
-    /// (created 0600) or a loopback `tcp://127.0.0.1:port` (default: none).
+    /// (created 0600) or `tcp://host:port` (default: none). A TCP address off the loopback
+    /// interface needs `tls_cert`, `tls_key` and `token_file`.
     pub listen: Vec<String>,
+    /// TLS certificate (PEM) for TCP listeners; with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for TCP listeners; with `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// A file holding the token every network plugin must send (`authorization: Bearer ...`).
+    pub token_file: Option<PathBuf>,
     /// Write every tick's moves and events to this file, in the input format of
     /// `plugbus replay` (JSON Lines; see [`crate::jsonl`]). A writer thread does the writing;
     /// the tick only queues, and drops (counting them) what the writer cannot keep up with.
@@ -111,12 +118,24 @@ impl Default for HostSettings {
             slow_reply_ms: 50,
             slow_occupancy: 0.75,
             listen: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            token_file: None,
             record: None,
         }
     }
 }
 
 impl HostSettings {
+    /// The settings network transports take.
+    pub fn listen_settings(&self) -> crate::transport::ListenSettings {
+        crate::transport::ListenSettings {
+            addresses: self.listen.clone(),
+            tls: self.tls_cert.clone().zip(self.tls_key.clone()),
+            token_file: self.token_file.clone(),
+        }
+    }
+
     /// Hello timeout.
     pub fn hello_timeout(&self) -> Duration {
         Duration::from_millis(self.hello_timeout_ms)
@@ -363,6 +382,17 @@ impl HostConfig {
                 None,
                 Some("host"),
                 "batch and overflow limits must be positive",
+            ));
+        }
+        if h.tls_cert.is_some() != h.tls_key.is_some() {
+            return Err(ConfigError::new(
+                None,
+                Some(if h.tls_cert.is_some() {
+                    "host.tls_key"
+                } else {
+                    "host.tls_cert"
+                }),
+                "TLS needs both a certificate and its key",
             ));
         }
         if !(0.0..=1.0).contains(&h.slow_occupancy) {

@@ -250,7 +250,7 @@ impl Host {
     pub fn start_with(config: HostConfig, mut transports: Transports) -> Result<Self, HostError> {
         config.validate()?;
         for a in transports.all() {
-            a.listen(&config.host.listen)
+            a.listen(&config.host.listen_settings())
                 .map_err(|e| ConfigError::new(None, Some("host.listen"), e))?;
         }
         for p in &config.plugins {
@@ -397,6 +397,12 @@ impl Host {
     /// last move frame for plugin `id` was handed to its link, for latency measurements.
     pub fn last_moves_published(&self, id: &str) -> Option<(u64, u64)> {
         self.slot(id).map(|s| s.last_moves).filter(|m| m.1 != 0)
+    }
+
+    /// Events waiting in the host for plugin `id` (gathered in its batch, or queued because
+    /// its link had no room): a publisher that must not outrun a plugin can wait on it.
+    pub fn backlog(&self, id: &str) -> Option<u64> {
+        self.slot(id).map(Slot::undelivered)
     }
 
     /// The hello plugin `id` sent.

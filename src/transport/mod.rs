@@ -42,6 +42,7 @@
 //!    address in [`ENV_ADDRESS`] (with whatever else [`OpenedLink::env`] holds); the plugin
 //!    runtime calls [`connect`], which picks the connector by scheme.
 
+#[cfg(not(loom))]
 pub mod grpc;
 pub mod shm;
 
@@ -324,6 +325,17 @@ pub struct LinkRequest<'a> {
     pub queues: &'a QueueSizes,
 }
 
+/// Where and how network transports accept plugins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenSettings {
+    /// Addresses to listen on (`unix:///path`, `tcp://host:port`).
+    pub addresses: Vec<String>,
+    /// TLS for TCP listeners: a PEM certificate (chain) and its PEM private key.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// A file holding the token every plugin must present (`authorization: Bearer <token>`).
+    pub token_file: Option<std::path::PathBuf>,
+}
+
 /// A link made for a plugin that has not connected yet.
 pub struct OpenedLink {
     /// The host's end.
@@ -354,10 +366,10 @@ pub trait Acceptor: Send {
     fn name(&self) -> &'static str;
     /// Removes what hosts that died left behind; returns what it removed, for the log.
     fn clean_stale(&mut self) -> Vec<String>;
-    /// Takes the host's `listen` addresses (where remote plugins connect); an acceptor that
-    /// listens nowhere ignores them. Called once, before any `open`.
-    fn listen(&mut self, addresses: &[String]) -> Result<(), String> {
-        let _ = addresses;
+    /// Takes where and how remote plugins connect (the host's `listen`, TLS and token
+    /// settings); an acceptor that listens nowhere ignores them. Called once, before any `open`.
+    fn listen(&mut self, settings: &ListenSettings) -> Result<(), String> {
+        let _ = settings;
         Ok(())
     }
     /// Makes a link for one plugin.
@@ -378,9 +390,12 @@ impl std::fmt::Debug for Transports {
 impl Transports {
     /// Every transport plugbus ships (shared memory, gRPC).
     pub fn standard() -> Self {
-        Self {
-            acceptors: vec![Box::new(shm::ShmAcceptor), Box::new(grpc::GrpcAcceptor::default())],
-        }
+        #[cfg(not(loom))]
+        let acceptors: Vec<Box<dyn Acceptor>> =
+            vec![Box::new(shm::ShmAcceptor), Box::new(grpc::GrpcAcceptor::default())];
+        #[cfg(loom)]
+        let acceptors: Vec<Box<dyn Acceptor>> = vec![Box::new(shm::ShmAcceptor)];
+        Self { acceptors }
     }
 
     /// Adds (or replaces) an acceptor.
@@ -470,7 +485,10 @@ pub trait Connector: Sync {
 
 /// Every connector plugbus ships, in the order they claim bare addresses.
 pub fn connectors() -> &'static [&'static dyn Connector] {
+    #[cfg(not(loom))]
     static ALL: [&dyn Connector; 2] = [&shm::ShmConnector, &grpc::GrpcConnector];
+    #[cfg(loom)]
+    static ALL: [&dyn Connector; 1] = [&shm::ShmConnector];
     &ALL
 }
 

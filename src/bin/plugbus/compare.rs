@@ -5,7 +5,10 @@
 //! event (every player's move included) is one `HostToPlugin { event }` prost message, length
 //! delimited, written to a Unix socket with one `write` each; the plugin reads and decodes each
 //! one. plugbus runs the same world through its host: moves as packed frames, other events as
-//! envelopes batched per tick, immediate ones at once.
+//! envelopes batched per tick, immediate ones at once. Two more columns run the same host over
+//! its gRPC adapter (a Unix socket): `grpc` with a plugin that declares nothing, so it gets one
+//! message per event as from the df.plugin host (the seed as it ships), and `grpc_batched` with
+//! per-tick batches and packed moves (the seed's batching proposal).
 //!
 //! Each transport runs two phases with a fresh plugin process:
 //! - latency: the world at its real pace (100 players, 50 ticks/s); every event's
@@ -41,8 +44,11 @@ pub struct Side {
     pub p50_ns: u64,
     pub p99_ns: u64,
     pub p999_ns: u64,
-    /// CPU time of the host's publishing thread per event at saturation, ns.
+    /// CPU time of the host process (every thread: the tick's, the gRPC adapter's) per event
+    /// at saturation, ns.
     pub host_cpu_ns_per_event: f64,
+    /// Messages (frames, for shared memory) per second on the wire at saturation.
+    pub messages_per_s: f64,
     /// Events offered and delivered in the throughput phase.
     pub offered: u64,
     pub delivered: u64,
@@ -58,16 +64,20 @@ pub struct Comparison {
     pub plugbus_wait: String,
     pub plugbus: Side,
     pub baseline: Side,
+    /// The host over gRPC, one message per event (the df.plugin host's way).
+    pub grpc: Side,
+    /// The host over gRPC with per-tick batches and packed moves.
+    pub grpc_batched: Side,
     /// plugbus events/s over baseline events/s.
     pub throughput_ratio: f64,
     /// Baseline p99 over plugbus p99.
     pub p99_ratio: f64,
 }
 
-fn thread_cpu_ns() -> u64 {
+fn process_cpu_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -76,8 +86,9 @@ trait Transport {
     /// Publishes one tick; records publish times when `times` is given (move: per tick; other
     /// events: per event id). Returns events sent.
     fn tick(&mut self, tick: u64, out: &mut TickOutput, times: Option<&mut Times>) -> Result<u64, String>;
-    /// Ends the run and returns the plugin's report.
-    fn finish(self: Box<Self>) -> Result<PluginReport, String>;
+    /// Ends the run and returns the plugin's report and the messages sent (`None`: one per
+    /// event delivered).
+    fn finish(self: Box<Self>) -> Result<(PluginReport, Option<u64>), String>;
 }
 
 #[derive(Default)]
@@ -89,18 +100,42 @@ struct Times {
 struct Plugbus {
     host: Host,
     report: PathBuf,
+    /// One message per event on the wire (a gRPC plugin that declared nothing).
+    per_event: bool,
+}
+
+/// Which of plugbus's transports a column runs over.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Over {
+    Shm,
+    Grpc,
+    GrpcBatched,
 }
 
 impl Plugbus {
-    fn start(dir: &Path, record: &str, phase: &str, wait: &str) -> Result<Self, String> {
+    fn start(dir: &Path, record: &str, phase: &str, wait: &str, over: Over) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let report = dir.join(format!("plugbus-{phase}.json"));
-        let cfg = PluginConfig::launch("compare", exe)
+        let tag = match over {
+            Over::Shm => "shm",
+            Over::Grpc => "grpc",
+            Over::GrpcBatched => "grpcb",
+        };
+        let report = dir.join(format!("plugbus-{tag}-{phase}.json"));
+        let mut cfg = PluginConfig::launch("compare", exe)
             .args(["plugin", "load", "--wait", wait])
             .env("PLUGBUS_REPORT", &report.display().to_string())
             .env("PLUGBUS_RECORD", record)
             .required(true);
+        if over != Over::Shm {
+            cfg.transport = "grpc".into();
+        }
+        if over == Over::Grpc {
+            cfg = cfg.env(plugbus::transport::grpc::ENV_CAPABILITIES, "none");
+        }
         let mut config = HostConfig::new(vec![cfg]);
+        if over != Over::Shm {
+            config.host.listen = vec![format!("unix://{}", dir.join(format!("{tag}-{phase}.sock")).display())];
+        }
         config.host.hello_timeout_ms = 10_000;
         let mut host = Host::start(config).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -111,12 +146,26 @@ impl Plugbus {
             host.poll();
             std::thread::sleep(Duration::from_millis(1));
         }
-        Ok(Self { host, report })
+        Ok(Self {
+            host,
+            report,
+            per_event: over == Over::Grpc,
+        })
     }
 }
 
 impl Transport for Plugbus {
     fn tick(&mut self, _tick: u64, out: &mut TickOutput, mut times: Option<&mut Times>) -> Result<u64, String> {
+        // At saturation, publish no faster than the plugin takes: nothing left waiting in the
+        // host from the last tick (as the baseline's blocking write waits for its socket).
+        while self.host.backlog("compare").unwrap_or(0) > 0 {
+            if !self.host.is_ready("compare") {
+                return Err("the plugin was disconnected".into());
+            }
+            // An empty tick sends what waits, as far as the link has room.
+            self.host.begin_tick().end();
+            std::thread::yield_now();
+        }
         let mut t = self.host.begin_tick();
         let tick_no = t.number();
         let published = monotonic_ns();
@@ -137,9 +186,10 @@ impl Transport for Plugbus {
         Ok((out.moves.len() + out.events.len() + out.requests.len()) as u64)
     }
 
-    fn finish(mut self: Box<Self>) -> Result<PluginReport, String> {
+    fn finish(mut self: Box<Self>) -> Result<(PluginReport, Option<u64>), String> {
+        let frames = self.host.metrics().plugins.get("compare").map(|p| p.frames_sent);
         self.host.shutdown("compare phase done");
-        PluginReport::read(&self.report)
+        Ok((PluginReport::read(&self.report)?, frames.filter(|_| !self.per_event)))
     }
 }
 
@@ -219,13 +269,13 @@ impl Transport for Baseline {
         Ok((out.moves.len() + out.events.len() + out.requests.len()) as u64)
     }
 
-    fn finish(mut self: Box<Self>) -> Result<PluginReport, String> {
+    fn finish(mut self: Box<Self>) -> Result<(PluginReport, Option<u64>), String> {
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
         let status = self.child.wait().map_err(|e| e.to_string())?;
         if !status.success() {
             return Err(format!("baseline plugin failed: {status}"));
         }
-        PluginReport::read(&self.report)
+        Ok((PluginReport::read(&self.report)?, None))
     }
 }
 
@@ -244,28 +294,29 @@ fn replay() -> Vec<TickOutput> {
         .collect()
 }
 
-/// Runs one phase; returns (events offered, the plugin's report, host thread CPU ns spent in
-/// the transport, monotonic time of the first publish).
+/// What one phase gave: events offered, the plugin's report, messages sent (`None`: one per
+/// event), the host process's CPU ns, and the monotonic time of the first publish.
+type PhaseResult = (u64, PluginReport, Option<u64>, u64, u64);
+
+/// Runs one phase.
 fn phase(
     mut transport: Box<dyn Transport>,
     ticks: &mut [TickOutput],
     seconds: f64,
     paced: bool,
     mut times: Option<&mut Times>,
-) -> Result<(u64, PluginReport, u64, u64), String> {
+) -> Result<PhaseResult, String> {
     let tick_len = Duration::from_secs_f64(1.0 / f64::from(TPS));
     let start = monotonic_ns();
     let started = Instant::now();
     let mut next = Instant::now() + tick_len;
     let mut offered = 0;
-    let mut cpu = 0;
+    let cpu0 = process_cpu_ns();
     let mut tick = 0u64;
     while started.elapsed().as_secs_f64() < seconds && !crate::stopping() {
         let out = &mut ticks[tick as usize % ticks.len()];
         tick += 1;
-        let cpu0 = thread_cpu_ns();
         offered += transport.tick(tick, out, times.as_deref_mut())?;
-        cpu += thread_cpu_ns() - cpu0;
         if paced {
             let now = Instant::now();
             if next > now {
@@ -274,8 +325,10 @@ fn phase(
             next += tick_len;
         }
     }
-    let report = transport.finish()?;
-    Ok((offered, report, cpu, start))
+    // The host's work ends with the plugin's last observation: the adapter's threads included.
+    let (report, messages) = transport.finish()?;
+    let cpu = process_cpu_ns() - cpu0;
+    Ok((offered, report, messages, cpu, start))
 }
 
 fn delivered(r: &PluginReport) -> u64 {
@@ -285,14 +338,16 @@ fn delivered(r: &PluginReport) -> u64 {
 fn side(which: &str, seconds: f64, dir: &Path, wait: &str) -> Result<Side, String> {
     let make = |record: &str, phase: &str| -> Result<Box<dyn Transport>, String> {
         Ok(match which {
-            "plugbus" => Box::new(Plugbus::start(dir, record, phase, wait)?),
+            "plugbus" => Box::new(Plugbus::start(dir, record, phase, wait, Over::Shm)?),
+            "grpc" => Box::new(Plugbus::start(dir, record, phase, wait, Over::Grpc)?),
+            "grpc_batched" => Box::new(Plugbus::start(dir, record, phase, wait, Over::GrpcBatched)?),
             _ => Box::new(Baseline::start(dir, record, phase)?),
         })
     };
     let mut ticks = replay();
     // Latency at the real pace.
     let mut times = Times::default();
-    let (_, r, _, _) = phase(make("all", "latency")?, &mut ticks, seconds, true, Some(&mut times))?;
+    let (_, r, _, _, _) = phase(make("all", "latency")?, &mut ticks, seconds, true, Some(&mut times))?;
     let mut hist = Hist::default();
     for [tick, seen, count] in &r.move_frames {
         if let Some(p) = times.ticks.get(tick) {
@@ -307,11 +362,12 @@ fn side(which: &str, seconds: f64, dir: &Path, wait: &str) -> Result<Side, Strin
         }
     }
     // Throughput at saturation.
-    let (offered, r, cpu, start) = phase(make("none", "throughput")?, &mut ticks, seconds, false, None)?;
+    let (offered, r, messages, cpu, start) = phase(make("none", "throughput")?, &mut ticks, seconds, false, None)?;
     let got = delivered(&r);
     let elapsed = r.last_ns.saturating_sub(start).max(1);
     Ok(Side {
         events_per_s: got as f64 / (elapsed as f64 / 1e9),
+        messages_per_s: messages.unwrap_or(got) as f64 / (elapsed as f64 / 1e9),
         p50_ns: hist.quantile(0.5),
         p99_ns: hist.quantile(0.99),
         p999_ns: hist.quantile(0.999),
@@ -334,6 +390,8 @@ pub fn run(seconds: f64, wait: &str, json: Option<&Path>) -> Result<Comparison, 
     );
     let plugbus = side("plugbus", per_phase, &dir, wait)?;
     let baseline = side("baseline", per_phase, &dir, wait)?;
+    let grpc = side("grpc", per_phase, &dir, wait)?;
+    let grpc_batched = side("grpc_batched", per_phase, &dir, wait)?;
     let _ = std::fs::remove_dir_all(&dir);
     let c = Comparison {
         workload: format!("{PLAYERS} players x {TPS} tps, 1 plugin subscribed to everything"),
@@ -344,11 +402,14 @@ pub fn run(seconds: f64, wait: &str, json: Option<&Path>) -> Result<Comparison, 
         p99_ratio: baseline.p99_ns as f64 / plugbus.p99_ns.max(1) as f64,
         plugbus,
         baseline,
+        grpc,
+        grpc_batched,
     };
     let row = |name: &str, s: &Side| {
         println!(
-            "  {name:<9} {:>14.0} {:>12.2} {:>12.2} {:>12.2} {:>16.0}   ({} of {} delivered)",
+            "  {name:<13} {:>14.0} {:>14.0} {:>12.2} {:>12.2} {:>12.2} {:>16.0}   ({} of {} delivered)",
             s.events_per_s,
+            s.messages_per_s,
             s.p50_ns as f64 / 1000.0,
             s.p99_ns as f64 / 1000.0,
             s.p999_ns as f64 / 1000.0,
@@ -358,14 +419,19 @@ pub fn run(seconds: f64, wait: &str, json: Option<&Path>) -> Result<Comparison, 
         );
     };
     println!(
-        "  {:<9} {:>14} {:>12} {:>12} {:>12} {:>16}",
-        "", "events/s", "p50 µs", "p99 µs", "p99.9 µs", "host CPU ns/ev"
+        "  {:<13} {:>14} {:>14} {:>12} {:>12} {:>12} {:>16}",
+        "", "events/s", "messages/s", "p50 µs", "p99 µs", "p99.9 µs", "host CPU ns/ev"
     );
     row("plugbus", &c.plugbus);
     row("baseline", &c.baseline);
+    row("grpc", &c.grpc);
+    row("grpc_batched", &c.grpc_batched);
     println!(
-        "  plugbus: {:.1}x the throughput, {:.1}x lower p99",
-        c.throughput_ratio, c.p99_ratio
+        "  plugbus: {:.1}x the throughput, {:.1}x lower p99 than the baseline; {:.1}x / {:.1}x the throughput of gRPC per event / batched",
+        c.throughput_ratio,
+        c.p99_ratio,
+        c.plugbus.events_per_s / c.grpc.events_per_s.max(1e-9),
+        c.plugbus.events_per_s / c.grpc_batched.events_per_s.max(1e-9)
     );
     if let Some(path) = json {
         let s = serde_json::to_string_pretty(&c).map_err(|e| e.to_string())?;

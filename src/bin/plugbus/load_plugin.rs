@@ -88,6 +88,17 @@ impl Handler for LoadPlugin {
     fn on_event(&mut self, _ctx: &mut Context<'_>, event: &EventEnvelope) -> Reply {
         let now = monotonic_ns();
         self.report.last_ns = now;
+        if event.r#type == EventType::PlayerMove as i32 {
+            // A move as an event (gRPC to a plugin without packed moves): its id is
+            // "<tick>.<i>", so it counts like a one-record move frame of that tick.
+            if let Some(tick) = event.event_id.split_once('.').and_then(|(t, _)| t.parse().ok()) {
+                if self.record != Record::None && self.report.move_frames.len() < MAX_SAMPLES {
+                    self.report.move_frames.push([tick, now, 1]);
+                }
+            }
+            *self.report.counts.entry(event.r#type).or_default() += 1;
+            return Reply::Ack;
+        }
         *self.report.counts.entry(event.r#type).or_default() += 1;
         let keep = match self.record {
             Record::All => true,

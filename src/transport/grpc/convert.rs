@@ -73,8 +73,11 @@ pub(super) fn to_wire(item: &Down, caps: &PluginCapabilities, out: &mut Vec<Host
                     ))),
                 });
             } else {
-                out.extend(records.iter().map(|r| {
+                // The id names the tick and the record ("<tick>.<i>"): ids are opaque to the
+                // df.plugin SDKs, which echo them; a plugin that knows may read the tick there.
+                out.extend(records.iter().enumerate().map(|(i, r)| {
                     event_message(EventEnvelope {
+                        event_id: format!("{tick}.{i}"),
                         r#type: EventType::PlayerMove as i32,
                         payload: Some(event_envelope::Payload::PlayerMove(r.to_move_event("", ""))),
                         ..Default::default()

@@ -13,7 +13,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStre
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{Down, to_wire};
-use super::{ENV_SERVER_ADDRESS, Endpoint, MAX_MESSAGE, NAME};
+use super::{ENV_SERVER_ADDRESS, ENV_TLS_CA, ENV_TOKEN_FILE, Endpoint, MAX_MESSAGE, NAME, read_token};
 use crate::codec;
 use crate::fastpath::MoveRecord;
 use crate::proto::plugin_server::{Plugin as PluginService, PluginServer};
@@ -21,8 +21,8 @@ use crate::proto::{HostToPlugin, PluginCapabilities, PluginToHost, plugin_to_hos
 use crate::ring::Doorbell;
 use crate::sync::FutexWord;
 use crate::transport::{
-    Acceptor, Downstream, ENV_ADDRESS, HostLink, LinkCounters, LinkError, LinkRequest, Occupancy, OpenError,
-    OpenedLink, PeerHealth,
+    Acceptor, Downstream, ENV_ADDRESS, HostLink, LinkCounters, LinkError, LinkRequest, ListenSettings, Occupancy,
+    OpenError, OpenedLink, PeerHealth,
 };
 
 /// Items a plugin's downstream queue holds per KiB of its configured buffering (moves plus
@@ -95,6 +95,35 @@ impl Registry {
             ))),
         }
     }
+}
+
+/// Checks a call's token (`authorization: Bearer <token>`) when the host has one.
+fn authorize(token: Option<&str>, req: Request<()>) -> Result<Request<()>, Status> {
+    let Some(want) = token else { return Ok(req) };
+    let got = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant time in the token's length: no early exit on the first wrong byte.
+    let same = got.len() == want.len() && got.bytes().zip(want.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if same {
+        Ok(req)
+    } else {
+        tracing::warn!("gRPC call refused: missing or wrong token");
+        Err(Status::unauthenticated(
+            "this host needs a valid token (authorization: Bearer <token>)",
+        ))
+    }
+}
+
+/// TLS for the TCP listeners: the PEM certificate and key, and where the certificate is (for
+/// the plugins the host launches).
+struct Tls {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    cert_path: PathBuf,
 }
 
 /// The gRPC service: binds each stream, then pumps it.
@@ -237,7 +266,7 @@ impl Drop for Server {
 }
 
 impl Server {
-    fn start(listen: &[Endpoint]) -> Result<Self, String> {
+    fn start(listen: &[Endpoint], tls: Option<&Tls>, token: Option<Arc<str>>) -> Result<Self, String> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("plugbus-grpc")
@@ -253,7 +282,19 @@ impl Server {
             })
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-            let router = tonic::transport::Server::builder().add_service(svc);
+            let token = token.clone();
+            let svc =
+                tonic::service::interceptor::InterceptedService::new(svc, move |req| authorize(token.as_deref(), req));
+            let mut builder = tonic::transport::Server::builder();
+            if let (Some(tls), Endpoint::Tcp(_)) = (tls, ep) {
+                builder = builder
+                    .tls_config(
+                        tonic::transport::ServerTlsConfig::new()
+                            .identity(tonic::transport::Identity::from_pem(&tls.cert, &tls.key)),
+                    )
+                    .map_err(|e| format!("bad TLS certificate or key: {e}"))?;
+            }
+            let router = builder.add_service(svc);
             match ep {
                 Endpoint::Unix(path) => {
                     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -296,6 +337,9 @@ impl Server {
 #[derive(Default)]
 pub struct GrpcAcceptor {
     listen: Vec<Endpoint>,
+    tls: Option<Tls>,
+    /// The token and the file it came from (handed to launched plugins).
+    token: Option<(Arc<str>, PathBuf)>,
     server: Option<Server>,
 }
 
@@ -324,13 +368,26 @@ impl Acceptor for GrpcAcceptor {
         Vec::new()
     }
 
-    fn listen(&mut self, addresses: &[String]) -> Result<(), String> {
+    fn listen(&mut self, settings: &ListenSettings) -> Result<(), String> {
+        self.tls = match &settings.tls {
+            Some((cert, key)) => Some(Tls {
+                cert: std::fs::read(cert)
+                    .map_err(|e| format!("cannot read the TLS certificate {}: {e}", cert.display()))?,
+                key: std::fs::read(key).map_err(|e| format!("cannot read the TLS key {}: {e}", key.display()))?,
+                cert_path: cert.clone(),
+            }),
+            None => None,
+        };
+        self.token = match &settings.token_file {
+            Some(path) => Some((read_token(path)?.into(), path.clone())),
+            None => None,
+        };
         let mut listen = Vec::new();
-        for a in addresses {
+        for a in &settings.addresses {
             let ep = Endpoint::parse(a)?;
-            if !ep.is_local() {
+            if !ep.is_local() && (self.tls.is_none() || self.token.is_none()) {
                 return Err(format!(
-                    "{a:?} is not a loopback address: plugins on other machines need TLS and a token, which this build does not offer yet"
+                    "{a:?} is not a loopback address: plugins on other machines need TLS and a token (set tls_cert, tls_key and token_file)"
                 ));
             }
             listen.push(ep);
@@ -346,7 +403,8 @@ impl Acceptor for GrpcAcceptor {
             ));
         }
         if self.server.is_none() {
-            self.server = Some(Server::start(&self.listen).map_err(OpenError)?);
+            let token = self.token.as_ref().map(|(t, _)| t.clone());
+            self.server = Some(Server::start(&self.listen, self.tls.as_ref(), token).map_err(OpenError)?);
         }
         let server = self.server.as_ref().expect("started");
         let ep = &server.bound[0];
@@ -379,10 +437,33 @@ impl Acceptor for GrpcAcceptor {
                     up: up_tx,
                 },
             );
-        let address = ep.address();
+        // A launched plugin runs here: an unspecified listen address (0.0.0.0) is reached on
+        // loopback.
+        let local = match ep {
+            Endpoint::Tcp(hp) => Endpoint::Tcp(
+                hp.parse::<std::net::SocketAddr>()
+                    .ok()
+                    .filter(|a| a.ip().is_unspecified())
+                    .map_or_else(|| hp.clone(), |a| format!("127.0.0.1:{}", a.port())),
+            ),
+            unix => unix.clone(),
+        };
+        let mut env = Vec::new();
+        let address = match (&local, &self.tls) {
+            (Endpoint::Tcp(hp), Some(tls)) => {
+                env.push((ENV_TLS_CA.to_owned(), tls.cert_path.display().to_string()));
+                format!("https://{hp}")
+            }
+            _ => local.address(),
+        };
+        if let Some((_, path)) = &self.token {
+            env.push((ENV_TOKEN_FILE.to_owned(), path.display().to_string()));
+        }
         // The df.plugin SDKs read their host's address here; a plugin entry may give another
         // spelling (client libraries differ).
-        let sdk = request.address.map_or_else(|| ep.sdk_address(), str::to_owned);
+        let sdk = request.address.map_or_else(|| local.sdk_address(), str::to_owned);
+        env.push((ENV_ADDRESS.to_owned(), address.clone()));
+        env.push((ENV_SERVER_ADDRESS.to_owned(), sdk));
         Ok(OpenedLink {
             link: Box::new(GrpcHostLink {
                 shared,
@@ -392,10 +473,7 @@ impl Acceptor for GrpcAcceptor {
                 plugin_id: request.plugin_id.to_owned(),
                 registry: server.registry.clone(),
             }),
-            env: vec![
-                (ENV_ADDRESS.to_owned(), address.clone()),
-                (ENV_SERVER_ADDRESS.to_owned(), sdk),
-            ],
+            env,
             address,
         })
     }

@@ -27,12 +27,28 @@ mod plugin;
 use std::path::PathBuf;
 
 pub use host::{GrpcAcceptor, GrpcHostLink};
-pub use plugin::{GrpcConnector, GrpcPluginLink};
+pub use plugin::{ENV_CAPABILITIES, GrpcConnector, GrpcPluginLink};
 
 /// The transport's name in configurations (`transport = "grpc"`).
 pub const NAME: &str = "grpc";
 /// The df.plugin ecosystem's variable for the host's address, as its SDKs read it.
 pub const ENV_SERVER_ADDRESS: &str = "DF_PLUGIN_SERVER_ADDRESS";
+/// The CA certificate (PEM) a plugin checks the host's TLS certificate against, for an
+/// `https://` address (the host gives its own certificate to the plugins it launches).
+pub const ENV_TLS_CA: &str = "PLUGBUS_TLS_CA";
+/// A file holding the token a plugin sends (`authorization: Bearer <token>`).
+pub const ENV_TOKEN_FILE: &str = "PLUGBUS_TOKEN_FILE";
+
+/// Reads a token file: its first line, trimmed; an error if there is none.
+pub fn read_token(path: &std::path::Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    if token.is_empty() {
+        return Err(format!("the token file {} is empty", path.display()));
+    }
+    Ok(token)
+}
 /// Batches larger than this go compressed to a plugin that accepts it.
 pub const COMPRESS_OVER: usize = 1024;
 /// The largest message either side accepts (tonic's default).
@@ -61,6 +77,7 @@ impl Endpoint {
         let hostport = s
             .strip_prefix("tcp://")
             .or_else(|| s.strip_prefix("http://"))
+            .or_else(|| s.strip_prefix("https://"))
             .unwrap_or(s);
         if hostport.starts_with('/') {
             return Ok(Self::Unix(PathBuf::from(hostport)));

@@ -9,11 +9,15 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::convert::{Up, from_wire};
-use super::{ENV_SERVER_ADDRESS, Endpoint, MAX_MESSAGE};
+use super::{ENV_SERVER_ADDRESS, ENV_TLS_CA, ENV_TOKEN_FILE, Endpoint, MAX_MESSAGE};
 use crate::proto::plugin_client::PluginClient;
 use crate::proto::{PluginCapabilities, PluginToHost, plugin_to_host};
 use crate::ring::Doorbell;
 use crate::transport::{ConnectError, Connector, HostState, Incoming, LinkError, PluginLink};
+
+/// Set to `none`, plugbus's plugin runtime declares no capabilities over gRPC: it gets one
+/// message per event, as a df.plugin SDK plugin does (for comparisons).
+pub const ENV_CAPABILITIES: &str = "PLUGBUS_GRPC_CAPABILITIES";
 
 /// Messages from the host held for the plugin before the stream stops being read (then gRPC's
 /// flow control holds the host back, and the host conflates).
@@ -27,7 +31,7 @@ pub struct GrpcConnector;
 
 impl Connector for GrpcConnector {
     fn schemes(&self) -> &'static [&'static str] {
-        &["unix", "tcp", "http"]
+        &["unix", "tcp", "http", "https"]
     }
 
     fn claims_bare(&self, address: &str) -> bool {
@@ -48,8 +52,41 @@ impl Connector for GrpcConnector {
             address: address.to_owned(),
             reason,
         })?;
-        Ok(Box::new(GrpcPluginLink::connect(&ep)?))
+        let tls_ca = if address.starts_with("https://") {
+            let path = std::env::var_os(ENV_TLS_CA).ok_or_else(|| ConnectError::BadAddress {
+                address: address.to_owned(),
+                reason: format!("an https:// address needs {ENV_TLS_CA} (the CA certificate to check the host's)"),
+            })?;
+            Some(std::fs::read(&path).map_err(|e| ConnectError::Io {
+                address: address.to_owned(),
+                reason: format!("cannot read {ENV_TLS_CA}: {e}"),
+            })?)
+        } else {
+            None
+        };
+        let token = match std::env::var_os(ENV_TOKEN_FILE) {
+            Some(p) => Some(
+                super::read_token(std::path::Path::new(&p)).map_err(|reason| ConnectError::Io {
+                    address: address.to_owned(),
+                    reason,
+                })?,
+            ),
+            None => None,
+        };
+        Ok(Box::new(GrpcPluginLink::connect(&ep, tls_ca.as_deref(), token)?))
     }
+}
+
+/// An error with its causes (tonic's transport errors say little at the top).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 /// How the stream from the host stands.
@@ -102,9 +139,10 @@ impl Drop for GrpcPluginLink {
 }
 
 impl GrpcPluginLink {
-    /// Connects to the host at `ep` and opens the stream (its first message is the hello the
-    /// plugin runtime sends next).
-    pub fn connect(ep: &Endpoint) -> Result<Self, ConnectError> {
+    /// Connects to the host at `ep` (over TLS checked against `tls_ca` when given, sending
+    /// `token` when given) and opens the stream (its first message is the hello the plugin
+    /// runtime sends next).
+    pub fn connect(ep: &Endpoint, tls_ca: Option<&[u8]>, token: Option<String>) -> Result<Self, ConnectError> {
         let address = ep.address();
         let fail = |reason: String| ConnectError::NotFound {
             address: address.clone(),
@@ -122,11 +160,24 @@ impl GrpcPluginLink {
         let channel = runtime
             .block_on(async {
                 match ep {
-                    Endpoint::Tcp(hp) => {
-                        tonic::transport::Endpoint::from_shared(format!("http://{hp}"))?
-                            .connect()
-                            .await
-                    }
+                    Endpoint::Tcp(hp) => match tls_ca {
+                        Some(ca) => {
+                            let host = hp.rsplit_once(':').map_or(hp.as_str(), |(h, _)| h);
+                            tonic::transport::Endpoint::from_shared(format!("https://{hp}"))?
+                                .tls_config(
+                                    tonic::transport::ClientTlsConfig::new()
+                                        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                                        .domain_name(host.trim_start_matches('[').trim_end_matches(']')),
+                                )?
+                                .connect()
+                                .await
+                        }
+                        None => {
+                            tonic::transport::Endpoint::from_shared(format!("http://{hp}"))?
+                                .connect()
+                                .await
+                        }
+                    },
                     Endpoint::Unix(path) => {
                         let path = path.clone();
                         // The URI is not used: the connector dials the socket.
@@ -143,7 +194,7 @@ impl GrpcPluginLink {
                     }
                 }
             })
-            .map_err(|e| fail(format!("cannot connect: {e}")))?;
+            .map_err(|e| fail(format!("cannot connect: {}", error_chain(&e))))?;
         let (out_tx, out_rx) = mpsc::channel::<PluginToHost>(OUTGOING);
         let (mut in_tx, in_rx) = rtrb::RingBuffer::<Up>::new(INCOMING);
         let shared = Arc::new(Shared {
@@ -153,9 +204,18 @@ impl GrpcPluginLink {
         let task_shared = shared.clone();
         runtime.spawn(async move {
             let shared = task_shared;
-            let mut client = PluginClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE);
+            let bearer = token.map(|t| format!("Bearer {t}"));
+            let mut client = PluginClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+                if let Some(b) = &bearer {
+                    let v = b
+                        .parse()
+                        .map_err(|_| tonic::Status::invalid_argument("the token is not valid in a header"))?;
+                    req.metadata_mut().insert("authorization", v);
+                }
+                Ok(req)
+            })
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
             let end = |s: Stream| {
                 *shared.stream.lock().unwrap_or_else(|p| p.into_inner()) = s;
                 shared.bell.ring();
@@ -238,12 +298,15 @@ impl PluginLink for GrpcPluginLink {
         if !self.hello_sent {
             match &mut msg.payload {
                 Some(plugin_to_host::Payload::Hello(h)) => {
-                    // plugbus's own runtime understands batches, packed moves and compression.
-                    h.capabilities.get_or_insert(PluginCapabilities {
-                        event_batches: true,
-                        packed_movements: true,
-                        compressed_batches: true,
-                    });
+                    // plugbus's own runtime understands batches, packed moves and compression
+                    // (unless told to speak as a df.plugin SDK plugin does, for comparisons).
+                    if std::env::var(ENV_CAPABILITIES).as_deref() != Ok("none") {
+                        h.capabilities.get_or_insert(PluginCapabilities {
+                            event_batches: true,
+                            packed_movements: true,
+                            compressed_batches: true,
+                        });
+                    }
                     if !self.send(msg)? {
                         return Ok(false);
                     }

@@ -669,3 +669,134 @@ fn a_non_loopback_address_with_tls_but_no_token_is_refused() {
     let msg = Host::start(cfg).expect_err("refused").to_string();
     assert!(msg.contains("cert.pem"), "the unreadable certificate is named: {msg}");
 }
+
+// ------------------------------------------------------------------------------------------
+// A flooding remote plugin
+// ------------------------------------------------------------------------------------------
+
+/// The process's resident memory, in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Sends action batches of about 1 MiB as fast as the stream takes them until `stop`.
+async fn flooder(path: PathBuf, sent: Arc<std::sync::atomic::AtomicU64>, stop: Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::Ordering;
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connects");
+    // A short client-side queue: what piles up, piles up in the host.
+    let (tx, rx) = tokio::sync::mpsc::channel::<PluginToHost>(1);
+    let msg = |p: plugin_to_host::Payload| PluginToHost {
+        plugin_id: "flood".into(),
+        payload: Some(p),
+    };
+    tx.send(msg(plugin_to_host::Payload::Hello(PluginHello {
+        name: "flood".into(),
+        api_version: "v1".into(),
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    let mut inbound = PluginClient::new(channel)
+        .event_stream(ReceiverStream::new(rx))
+        .await
+        .expect("bound")
+        .into_inner();
+    tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+    let action = plugbus::proto::Action {
+        correlation_id: None,
+        kind: Some(action::Kind::SendChat(plugbus::proto::SendChatAction {
+            target_uuid: "7d0e8c4e-2f4a-4b44-9a8f-3c1f5d2b6a01".into(),
+            message: "x".repeat(100),
+        })),
+    };
+    let batch = msg(plugin_to_host::Payload::Actions(ActionBatch {
+        actions: vec![action; 7_000],
+    }));
+    let size = prost::Message::encoded_len(&batch) as u64;
+    while !stop.load(Ordering::Relaxed) {
+        if tx.send(batch.clone()).await.is_err() {
+            return;
+        }
+        sent.fetch_add(size, Ordering::Relaxed);
+    }
+}
+
+/// A remote plugin that sends actions as fast as it can while the game ticks at 20 tps: gRPC flow
+/// control holds it back once the host's queue for it holds its budget, so the host's memory
+/// stays bounded, and a well-behaved plugin beside it answers every tick on time.
+#[test]
+fn a_flooding_plugin_is_held_back_and_the_others_go_on() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let sock = socket("flood");
+    let mut host = host_with(
+        vec![grpc_attached("flood"), grpc_attached("calm")],
+        &format!("unix://{}", sock.display()),
+    );
+    let (calm, _seen, _hold) = spawn_plugin(format!("unix://{}", sock.display()), "calm");
+    wait_until(&mut host, "the calm plugin", |h| {
+        h.is_subscribed("calm", EventType::Chat)
+    });
+    let before = rss_kib();
+
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let path = sock.clone();
+    let (s, st) = (sent.clone(), stop.clone());
+    let flood = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(flooder(path, s, st));
+    });
+
+    let mut peak = before;
+    let mut taken = 0u64;
+    let started = Instant::now();
+    let mut ticks = 0;
+    while started.elapsed() < Duration::from_secs(3) || sent.load(Ordering::Relaxed) < (64 << 20) {
+        assert!(started.elapsed() < STALL, "the flood never got going");
+        let mut tick = host.begin_tick();
+        let p = tick.dispatch(&mut chat("hello"));
+        tick.end();
+        let o = host.wait(&p, Instant::now() + STALL);
+        assert_eq!(o.answered, ["calm"], "tick {ticks}: {o:?}");
+        assert!(o.late.is_empty() && o.mutation.is_some(), "tick {ticks}: {o:?}");
+        taken += host.drain_actions().filter(|a| a.plugin == "flood").count() as u64;
+        peak = peak.max(rss_kib());
+        ticks += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = sent.load(Ordering::Relaxed);
+    host.shutdown("done");
+    flood.join().expect("flooder");
+    calm.join().expect("calm plugin");
+
+    let growth_mib = (peak.saturating_sub(before)) / 1024;
+    eprintln!(
+        "flood: {} MiB offered in {ticks} ticks, {taken} actions taken, resident memory +{growth_mib} MiB",
+        sent >> 20
+    );
+    assert!(taken > 0, "the flooding plugin's actions reach the game too");
+    assert!(
+        growth_mib < 64,
+        "the host's memory grew by {growth_mib} MiB while a plugin offered {} MiB",
+        sent >> 20
+    );
+}

@@ -142,12 +142,26 @@ fn chat_filter_cancels_rewrites_and_answers_its_command() {
 
 #[test]
 fn move_counter_counts_moves_and_logs_a_summary_every_second() {
+    move_counter_over("shm", "mc-shm");
+}
+
+/// The same plugin, unchanged, launched over gRPC: moves reach it as packed frames.
+#[test]
+fn move_counter_counts_moves_over_grpc() {
+    move_counter_over("grpc", "mc-grpc");
+}
+
+fn move_counter_over(transport: &str, id: &str) {
     init_logging();
-    let mut host = Host::start(config(vec![
-        PluginConfig::launch("mc", example("move_counter")).required(true),
-    ]))
-    .expect("the host starts move_counter");
-    assert_eq!(host.hello_of("mc").map(|h| h.name.as_str()), Some("move_counter"));
+    let mut p = PluginConfig::launch(id, example("move_counter")).required(true);
+    p.transport = transport.into();
+    let mut cfg = config(vec![p]);
+    if transport == "grpc" {
+        cfg.host.listen = vec!["tcp://127.0.0.1:0".into()];
+    }
+    let mut host = Host::start(cfg).expect("the host starts move_counter");
+    let mc = id;
+    assert_eq!(host.hello_of(mc).map(|h| h.name.as_str()), Some("move_counter"));
     let boot = host.boot_id().to_owned();
     wait_log_line(Some(&mut host), &["move_counter connected (host boot ", &boot]);
 
@@ -164,13 +178,13 @@ fn move_counter_counts_moves_and_logs_a_summary_every_second() {
         offered += PLAYERS;
         std::thread::sleep(Duration::from_millis(10));
     }
-    let summary = wait_log_line(Some(&mut host), &["mc", "moves: ", " in the last second, "]);
+    let summary = wait_log_line(Some(&mut host), &[mc, "moves: ", " in the last second, "]);
     assert!(summary.contains(&format!("from {PLAYERS} players")), "{summary}");
 
     // Everything is delivered and read before the shutdown, so the final count is exact: every
     // record sent (if it lagged, conflated records were never sent, and are not counted).
-    wait_delivered(&mut host, "mc", 0, offered);
-    let sent = host.metrics().plugins["mc"].moves_sent;
+    wait_delivered(&mut host, mc, 0, offered);
+    let sent = host.metrics().plugins[mc].moves_sent;
     assert!(sent > 0);
     host.shutdown("test over");
     wait_log_line(

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +50,12 @@ struct Shared {
     /// Adapter to host: something arrived (the doorbell protocol, in process memory).
     bell: Doorbell,
     state: Mutex<State>,
+    /// Bytes of the plugin's messages queued for the host and not yet taken.
+    queued: AtomicUsize,
+    /// What may be queued (the replies queue's size): a plugin past it is held back by gRPC flow
+    /// control, so the host's memory for one plugin stays bounded whatever it sends. One message
+    /// always fits when nothing is queued (a message is at most `MAX_MESSAGE`).
+    budget: usize,
 }
 
 impl Shared {
@@ -175,19 +182,26 @@ impl PluginService for Service {
 /// control holds the plugin back) while the host's queue is full.
 async fn push_up(up: &mut rtrb::Producer<Vec<u8>>, mut bytes: Vec<u8>, shared: &Shared) {
     loop {
-        match up.push(bytes) {
-            Ok(()) => {
-                shared.bell.ring();
-                return;
-            }
-            Err(rtrb::PushError::Full(b)) => {
-                if shared.state() == State::Closed {
+        let queued = shared.queued.load(Ordering::Acquire);
+        if queued == 0 || queued + bytes.len() <= shared.budget {
+            // Counted before the push: the host may take it at once.
+            let len = bytes.len();
+            shared.queued.fetch_add(len, Ordering::AcqRel);
+            match up.push(bytes) {
+                Ok(()) => {
+                    shared.bell.ring();
                     return;
                 }
-                bytes = b;
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                Err(rtrb::PushError::Full(b)) => {
+                    shared.queued.fetch_sub(len, Ordering::AcqRel);
+                    bytes = b;
+                }
             }
         }
+        if shared.state() == State::Closed {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -415,6 +429,8 @@ impl Acceptor for GrpcAcceptor {
             notify: Notify::new(),
             bell: Doorbell::new(),
             state: Mutex::new(State::Waiting),
+            queued: AtomicUsize::new(0),
+            budget: request.queues.replies as usize,
         });
         let id = request.plugin_id.to_owned();
         server
@@ -578,6 +594,7 @@ impl HostLink for GrpcHostLink {
         let mut n = 0;
         while n < max {
             let Ok(bytes) = self.up.pop() else { break };
+            self.shared.queued.fetch_sub(bytes.len(), Ordering::AcqRel);
             f(&bytes);
             n += 1;
         }

@@ -100,7 +100,7 @@ use plugbus::proto::{
 use prost::Message as _;
 
 mod common;
-#[path = "../src/bin/plugbus/wire.rs"]
+#[path = "../cli/src/wire.rs"]
 mod wire;
 use common::{Backoff, die_with_parent};
 use wire::read_message;

@@ -1,5 +1,5 @@
 /*
- * plugbus.h: the C API for plugbus plugins.
+ * plugbus.h: the C API for plugbus plugins and hosts.
  *
  * A plugin is a process that a plugbus host launches (or that attaches to a segment the host
  * created). It talks to the host through shared memory: moves arrive as packed 48-byte records
@@ -43,6 +43,35 @@
  *   configuration and plugbus_close return PLUGBUS_ERR_BAD_STATE there. Do not longjmp out of
  *   a callback.
  * - plugbus_poll beats the heartbeat the host watches: call it at least every 100 ms.
+ *
+ * The host side (plugbus_host_*): a game server in C, C++, Go (cgo) or any language with a C
+ * FFI embeds the bus.
+ *
+ *     plugbus_host *h;
+ *     plugbus_host_start(toml, strlen(toml), &h);  // [host] settings and [[plugin]] entries
+ *     uint64_t tick, pending;
+ *     plugbus_host_begin_tick(h, &tick);
+ *     plugbus_host_publish_moves(h, records, count);
+ *     plugbus_host_dispatch_chat(h, uuid, ulen, name, nlen, msg, mlen, &pending);
+ *     plugbus_host_end_tick(h);
+ *     plugbus_outcome o;
+ *     plugbus_host_wait(h, pending, 50000, &o);   // o.cancelled; plugbus_host_outcome_chat
+ *     plugbus_action a;
+ *     while (plugbus_host_next_action(h, &a) == PLUGBUS_OK) { ... a.kind, a.data/a.len ... }
+ *     plugbus_host_shutdown(h, "bye", 3);         // frees the handle
+ *
+ * - One thread drives a host: calls on one plugbus_host come from one thread at a time (a
+ *   concurrent call gets PLUGBUS_ERR_BAD_STATE, never a race). Two hosts are independent.
+ * - Strings go in as (pointer, length) UTF-8, no NUL needed, and are copied: nothing you pass
+ *   is kept after the call. Encoded df.plugin messages (EventEnvelope, ActionResult) likewise.
+ * - What a host call lends out (plugbus_str, byte pointers) lives in the handle until the next
+ *   call that fills the same thing (the next outcome, action, notice, log line, metrics text),
+ *   and never past plugbus_host_shutdown. Nothing is yours to free but the handle itself
+ *   (plugbus_host_shutdown; NULL allowed). Host handles and plugin handles are told apart: one
+ *   passed as the other is PLUGBUS_ERR_CLOSED.
+ * - Positive statuses: PLUGBUS_PENDING (an outcome not complete yet), PLUGBUS_NONE (nothing to
+ *   take); plugbus_host_wait returns PLUGBUS_ERR_TIMEOUT with the outcome filled all the same
+ *   when some plugin did not answer in time.
  *
  * Build: cargo build --release produces target/release/libplugbus.so and libplugbus.a; link
  * with -lplugbus (and -lpthread -ldl -lm for the static library). See ffi/README.md.
@@ -157,9 +186,30 @@
 // each tick, so the host's tick thread pays no wake-up (about 2% of a core at 50 ticks/s).
 #define PLUGBUS_WAIT_PACED 3
 
+// `plugbus_host_poll_outcome`: the event's outcome is not complete yet.
+#define PLUGBUS_PENDING 2
+
+// `plugbus_host_next_*`: nothing (more) to take; `plugbus_host_outcome_chat`: the outcome does
+// not set a chat message.
+#define PLUGBUS_NONE 3
+
+// `plugbus_action.kind`: the `Action.kind` field number. Send a chat message
+// (`plugbus_host_action_send_chat`).
+#define PLUGBUS_ACTION_SEND_CHAT 10
+
+// `plugbus_action.kind`: teleport a player (`plugbus_host_action_teleport`).
+#define PLUGBUS_ACTION_TELEPORT 11
+
+// `plugbus_action.kind`: kick a player (`plugbus_host_action_kick`).
+#define PLUGBUS_ACTION_KICK 12
+
 // One event, opaque to C. Valid only during the `on_event` callback it was passed to: its
 // accessors and reply helpers return `PLUGBUS_ERR_BAD_STATE` after that.
 typedef struct plugbus_event plugbus_event;
+
+// A host, opaque to C. Created by `plugbus_host_start` or `plugbus_host_start_file`, freed by
+// `plugbus_host_shutdown`. One thread drives it.
+typedef struct plugbus_host plugbus_host;
 
 // A plugin connection, opaque to C. Created by `plugbus_open_env` or `plugbus_open`, closed by
 // `plugbus_close`. Use it from one thread at a time.
@@ -216,6 +266,38 @@ typedef struct plugbus_callbacks {
     // with a correlation id through `plugbus_send_raw`.
     void (*on_action_result)(void *user, const uint8_t *data, size_t len);
 } plugbus_callbacks;
+
+// A finished event's outcome (filled by `plugbus_host_poll_outcome` and `plugbus_host_wait`).
+typedef struct plugbus_outcome {
+    // The event's id (as sent in `EventEnvelope.event_id`).
+    uint64_t event_id;
+    // Some plugin cancelled the event.
+    bool cancelled;
+    // Some plugin changed the event: the merged change is in `plugbus_host_outcome_result`
+    // (and, for chat, `plugbus_host_outcome_chat`).
+    bool changed;
+    // Plugins that answered in time.
+    uint32_t answered;
+    // Plugins that did not answer in time (counted as "no change").
+    uint32_t late;
+    // Dispatch to completion, microseconds.
+    uint64_t elapsed_us;
+} plugbus_outcome;
+
+// An action a plugin asked for (filled by `plugbus_host_next_action`; lent until the next
+// `plugbus_host_next_action` call or shutdown).
+typedef struct plugbus_action {
+    // The plugin that sent it.
+    struct plugbus_str plugin;
+    // Which action: the `Action.kind` field number (`PLUGBUS_ACTION_SEND_CHAT`, ...), 0 if none.
+    int32_t kind;
+    // The correlation id (empty if none: then no `ActionResult` is expected).
+    struct plugbus_str correlation_id;
+    // The whole action, encoded `df.plugin.Action` bytes.
+    const uint8_t *data;
+    // Length of `data`.
+    size_t len;
+} plugbus_action;
 
 #ifdef __cplusplus
 extern "C" {
@@ -493,6 +575,255 @@ plugbus_status plugbus_reply_cancel(struct plugbus_event *event);
 plugbus_status plugbus_reply_set_chat_message(struct plugbus_event *event,
                                               const char *message,
                                               size_t len);
+
+// Starts a host from a TOML configuration given as text (`len` bytes of UTF-8, no NUL needed):
+// the `[host]` settings and `[[plugin]]` entries of a plugins.toml. Launches the plugins and
+// waits for the required ones' hellos. On success `*out` is the handle (free it with
+// `plugbus_host_shutdown`). Errors: `PLUGBUS_ERR_INVALID_ARGUMENT` for a configuration that
+// does not parse or validate, `PLUGBUS_ERR_NOT_FOUND` when the host cannot start (a required
+// plugin that does not start, a listen address in use); `plugbus_last_error` says which.
+//
+// # Safety
+// `toml` points to `len` readable bytes; `out` is NULL or writable.
+plugbus_status plugbus_host_start(const char *toml, size_t len, struct plugbus_host **out);
+
+// Starts a host from a TOML file (`path` NUL-terminated); as `plugbus_host_start`, and
+// `PLUGBUS_ERR_NOT_FOUND` if the file cannot be read.
+//
+// # Safety
+// `path` is NULL or a NUL-terminated string; `out` is NULL or writable.
+plugbus_status plugbus_host_start_file(const char *path, struct plugbus_host **out);
+
+// Begins a tick; `*tick` (if not NULL) gets its number. Publish and dispatch, then
+// `plugbus_host_end_tick`. Beginning a tick inside a tick is `PLUGBUS_ERR_BAD_STATE`.
+//
+// # Safety
+// `h` is any pointer (checked); `tick` is NULL or writable.
+plugbus_status plugbus_host_begin_tick(struct plugbus_host *h, uint64_t *tick);
+
+// Stages `count` moves for this tick (the records are copied into the tick's frame; nothing is
+// kept). They go out at the end of the tick, one packed frame per subscribed plugin.
+//
+// # Safety
+// `records` points to `count` readable records (may be NULL when `count` is 0).
+plugbus_status plugbus_host_publish_moves(struct plugbus_host *h,
+                                          const struct plugbus_move_record *records,
+                                          size_t count);
+
+// Publishes one event given as an encoded `df.plugin.EventEnvelope` (no answer awaited).
+// Subscribers get it in this tick's batch, or at once if it is immediate.
+//
+// # Safety
+// `envelope` points to `len` readable bytes.
+plugbus_status plugbus_host_publish_event(struct plugbus_host *h,
+                                          const uint8_t *envelope,
+                                          size_t len);
+
+// Dispatches one event given as an encoded `df.plugin.EventEnvelope`, expecting answers:
+// `*pending` gets its id, for `plugbus_host_poll_outcome` / `plugbus_host_wait`.
+//
+// # Safety
+// `envelope` points to `len` readable bytes; `pending` is writable.
+plugbus_status plugbus_host_dispatch_event(struct plugbus_host *h,
+                                           const uint8_t *envelope,
+                                           size_t len,
+                                           uint64_t *pending);
+
+// Publishes a `PlayerJoinEvent` (`uuid` the player's UUID as text, `name` the player's name).
+//
+// # Safety
+// Each (pointer, length) pair points to that many readable bytes.
+plugbus_status plugbus_host_publish_join(struct plugbus_host *h,
+                                         const char *uuid,
+                                         size_t uuid_len,
+                                         const char *name,
+                                         size_t name_len);
+
+// Publishes a `PlayerQuitEvent`. No plugin sees a move of this player after it.
+//
+// # Safety
+// Each (pointer, length) pair points to that many readable bytes.
+plugbus_status plugbus_host_publish_quit(struct plugbus_host *h,
+                                         const char *uuid,
+                                         size_t uuid_len,
+                                         const char *name,
+                                         size_t name_len);
+
+// Dispatches a `ChatEvent` (player `uuid` and `name`, the `message` typed); `*pending` gets
+// its id.
+//
+// # Safety
+// Each (pointer, length) pair points to that many readable bytes; `pending` is writable.
+plugbus_status plugbus_host_dispatch_chat(struct plugbus_host *h,
+                                          const char *uuid,
+                                          size_t uuid_len,
+                                          const char *name,
+                                          size_t name_len,
+                                          const char *message,
+                                          size_t message_len,
+                                          uint64_t *pending);
+
+// Dispatches a `CommandEvent` for the line `raw` a player typed (`"/home set"`): `command` is
+// its first word without the slash (`"home"`), `args` the other words, as the df.plugin host
+// fills them; `name` is the player's name. `*pending` gets its id.
+//
+// # Safety
+// Each (pointer, length) pair points to that many readable bytes; `pending` is writable.
+plugbus_status plugbus_host_dispatch_command(struct plugbus_host *h,
+                                             const char *uuid,
+                                             size_t uuid_len,
+                                             const char *name,
+                                             size_t name_len,
+                                             const char *raw,
+                                             size_t raw_len,
+                                             uint64_t *pending);
+
+// Ends the tick: moves go out as frames, batches are flushed, sleeping plugins are woken.
+//
+// # Safety
+// `h` is any pointer (checked).
+plugbus_status plugbus_host_end_tick(struct plugbus_host *h);
+
+// Takes the outcome of a dispatched event if it is complete (every plugin answered, or the
+// response timeout passed): `PLUGBUS_OK` and `*out` filled, or `PLUGBUS_PENDING`. Never
+// blocks. An outcome is taken once; asking again is `PLUGBUS_ERR_INVALID_ARGUMENT`.
+//
+// # Safety
+// `out` is writable.
+plugbus_status plugbus_host_poll_outcome(struct plugbus_host *h,
+                                         uint64_t pending,
+                                         struct plugbus_outcome *out);
+
+// Waits up to `timeout_us` microseconds for a dispatched event's outcome, sleeping until an
+// awaited plugin answers, then takes it (`*out`): plugins that did not answer by then count as
+// "no change" and as late. Returns `PLUGBUS_OK` when every plugin answered in time, else
+// `PLUGBUS_ERR_TIMEOUT` with `*out` filled all the same (the outcome is taken) and
+// `plugbus_last_error` naming the plugins that were late.
+//
+// # Safety
+// `out` is writable.
+plugbus_status plugbus_host_wait(struct plugbus_host *h,
+                                 uint64_t pending,
+                                 uint64_t timeout_us,
+                                 struct plugbus_outcome *out);
+
+// The last outcome as an encoded `df.plugin.EventResult`: `cancel` set if some plugin
+// cancelled, `update` the merged change; `*len` is 0 if no plugin cancelled or changed the
+// event. Lent until the next outcome is taken.
+//
+// # Safety
+// `data` and `len` are writable.
+plugbus_status plugbus_host_outcome_result(struct plugbus_host *h,
+                                           const uint8_t **data,
+                                           size_t *len);
+
+// The chat message the last outcome sets (a chat event rewritten by a plugin): `PLUGBUS_OK`
+// and `*message` (lent until the next outcome), or `PLUGBUS_NONE` if it sets none.
+//
+// # Safety
+// `message` is writable.
+plugbus_status plugbus_host_outcome_chat(struct plugbus_host *h, struct plugbus_str *message);
+
+// Takes the next action a plugin asked for, in arrival order: `PLUGBUS_OK` and `*out` (lent
+// until the next call of this function), or `PLUGBUS_NONE`. Reads what plugins sent first.
+//
+// # Safety
+// `out` is writable.
+plugbus_status plugbus_host_next_action(struct plugbus_host *h, struct plugbus_action *out);
+
+// The current action (the last one `plugbus_host_next_action` returned) as a send-chat:
+// `*target` the player's UUID, `*message` the text (lent as the action).
+//
+// # Safety
+// `target` and `message` are NULL (skipped) or writable.
+plugbus_status plugbus_host_action_send_chat(struct plugbus_host *h,
+                                             struct plugbus_str *target,
+                                             struct plugbus_str *message);
+
+// The current action as a teleport: `*player`, `position[3]` (x, y, z) and `rotation[3]` (as
+// the action's `rotation` Vec3), each skipped if NULL.
+//
+// # Safety
+// `player` is NULL or writable; `position` and `rotation` are NULL or point to 3 writable
+// doubles.
+plugbus_status plugbus_host_action_teleport(struct plugbus_host *h,
+                                            struct plugbus_str *player,
+                                            double *position,
+                                            double *rotation);
+
+// The current action as a kick: `*player` and `*reason`.
+//
+// # Safety
+// `player` and `reason` are NULL (skipped) or writable.
+plugbus_status plugbus_host_action_kick(struct plugbus_host *h,
+                                        struct plugbus_str *player,
+                                        struct plugbus_str *reason);
+
+// Sends an `ActionResult` (encoded `df.plugin.ActionResult` bytes, its `correlation_id` the
+// action's) to plugin `plugin_id`. `PLUGBUS_ERR_NOT_FOUND` if that plugin is not connected.
+//
+// # Safety
+// Each (pointer, length) pair points to that many readable bytes.
+plugbus_status plugbus_host_send_action_result(struct plugbus_host *h,
+                                               const char *plugin_id,
+                                               size_t plugin_id_len,
+                                               const uint8_t *result,
+                                               size_t result_len);
+
+// Takes the next notice about the plugins (ready, disconnected, restarted, disabled, slow):
+// `PLUGBUS_OK` with `*plugin` and `*text` (one line, lent until the next call), or
+// `PLUGBUS_NONE`.
+//
+// # Safety
+// `plugin` and `text` are NULL (skipped) or writable.
+plugbus_status plugbus_host_next_notice(struct plugbus_host *h,
+                                        struct plugbus_str *plugin,
+                                        struct plugbus_str *text);
+
+// Takes the next log line a plugin sent: `PLUGBUS_OK` with `*plugin`, `*level` and `*message`
+// (lent until the next call), or `PLUGBUS_NONE`.
+//
+// # Safety
+// The out-pointers are NULL (skipped) or writable.
+plugbus_status plugbus_host_next_log(struct plugbus_host *h,
+                                     struct plugbus_str *plugin,
+                                     struct plugbus_str *level,
+                                     struct plugbus_str *message);
+
+// The host's metrics as Prometheus text (OpenMetrics), lent in `*text` until the next call.
+//
+// # Safety
+// `text` is writable.
+plugbus_status plugbus_host_metrics(struct plugbus_host *h, struct plugbus_str *text);
+
+// The process id of launched plugin `plugin_id` (`*pid`), or `PLUGBUS_ERR_NOT_FOUND` when it
+// is not running (attached, between restarts, or not configured).
+//
+// # Safety
+// `plugin_id` points to `len` readable bytes; `pid` is writable.
+plugbus_status plugbus_host_plugin_pid(struct plugbus_host *h,
+                                       const char *plugin_id,
+                                       size_t len,
+                                       uint32_t *pid);
+
+// Whether plugin `plugin_id` is connected and past its handshake: `PLUGBUS_OK` if so,
+// `PLUGBUS_NONE` if not (yet), `PLUGBUS_ERR_NOT_FOUND` if no such plugin is configured. Reads
+// what plugins sent first.
+//
+// # Safety
+// `plugin_id` points to `len` readable bytes.
+plugbus_status plugbus_host_plugin_ready(struct plugbus_host *h, const char *plugin_id, size_t len);
+
+// Shuts the host down: every plugin gets `HostShutdown` with `reason` (may be NULL with
+// `len` 0; bytes that are not UTF-8 are replaced, never a reason not to shut down), launched plugins are given the shutdown grace and then stopped, and the handle is
+// freed (what it lent is gone; later calls with it return `PLUGBUS_ERR_CLOSED`). Passing NULL
+// is allowed and does nothing.
+//
+// # Safety
+// `reason` points to `len` readable bytes.
+plugbus_status plugbus_host_shutdown(struct plugbus_host *h,
+                                     const char *reason,
+                                     size_t len);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -515,61 +515,42 @@ fn c_move_counter_under_valgrind_is_clean() {
     assert_memcheck_clean(&report);
 }
 
-/// Through `plugbus replay`, the seed host's command event (player "Steve" types `/filterstats`:
-/// `name` is the player's name, `command` the command) reaches the C chat filter, which answers
-/// with its stats message.
+/// The seed host's command event as a replay input line (player "Steve" types `/filterstats`:
+/// `name` is the player's name, `command` the command), read by the replay's own parser and
+/// dispatched by a host: the C chat filter answers with its stats message. (`plugbus replay`
+/// itself runs this file's Rust twin in cli/tests/replay.rs.)
 #[test]
-fn c_chat_filter_answers_filterstats_through_replay() {
-    let (chat_filter, _) = examples();
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("ffi-c-replay-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    let config = dir.join("plugins.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[host]\nresponse_timeout_ms = 30000\nhello_timeout_ms = 30000\n\n[[plugin]]\nid = \"c_chat\"\ncommand = {:?}\nrequired = true\nenv = {{ LD_LIBRARY_PATH = {:?}, PLUGBUS_SUMMARY_FILE = {:?} }}\n",
-            chat_filter.display().to_string(),
-            lib_dir().display().to_string(),
-            dir.join("summary").display().to_string(),
-        ),
-    )
-    .expect("write the config");
-    let events = dir.join("command.jsonl");
-    std::fs::write(
-        &events,
-        "{\"tick\": 1, \"event\": {\"eventId\": \"cmd\", \"type\": \"COMMAND\", \"expectsResponse\": true, \"command\": {\"playerUuid\": \"7d0e8c4e-2f4a-4b44-9a8f-3c1f5d2b6a01\", \"name\": \"Steve\", \"raw\": \"/filterstats\", \"command\": \"filterstats\"}}}\n",
-    )
-    .expect("write the events");
-    let out = Command::new(env!("CARGO_BIN_EXE_plugbus"))
-        .args(["replay", "--settle-ms", "200", "--config"])
-        .arg(&config)
-        .arg("--events")
-        .arg(&events)
-        .env("PLUGBUS_LOG", "warn")
-        .output()
-        .expect("run plugbus replay");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON lines"))
-        .collect();
-    let answer = lines
-        .iter()
-        .find(|l| l["eventId"] == "cmd")
-        .unwrap_or_else(|| panic!("no outcome: {stdout}"));
-    assert_eq!(answer["answered"], serde_json::json!(["c_chat"]));
-    let sent: Vec<&str> = lines
-        .iter()
-        .filter_map(|l| l["action"]["sendChat"]["message"].as_str())
-        .collect();
-    assert_eq!(sent, ["chat filter: 0 blocked, 0 rewritten, 0 passed"], "{stdout}");
-    let to = lines
-        .iter()
-        .find_map(|l| l["action"]["sendChat"]["targetUuid"].as_str())
-        .expect("a target");
-    assert_eq!(
-        to, "7d0e8c4e-2f4a-4b44-9a8f-3c1f5d2b6a01",
-        "sent to the player who typed it"
+fn c_chat_filter_answers_filterstats_from_a_replay_line() {
+    let line = "{\"tick\": 1, \"event\": {\"eventId\": \"cmd\", \"type\": \"COMMAND\", \"expectsResponse\": true, \"command\": {\"playerUuid\": \"7d0e8c4e-2f4a-4b44-9a8f-3c1f5d2b6a01\", \"name\": \"Steve\", \"raw\": \"/filterstats\", \"command\": \"filterstats\"}}}";
+    let parsed = plugbus::jsonl::parse_line(line, 1)
+        .expect("a valid replay line")
+        .expect("not blank");
+    let plugbus::jsonl::InputItem::Event(env) = parsed.item else {
+        panic!("an event line")
+    };
+    let summary = summary_file("chat_filter.replay.summary");
+    let plugin = plugin_env(
+        PluginConfig::launch("c_chat_cmd", &examples().0).required(true),
+        &summary,
     );
+    let mut host = Host::start(host_config(plugin, STALL)).expect("the host starts chat_filter");
+    let o = dispatch(&mut host, env, STALL);
+    assert_eq!(o.answered, ["c_chat_cmd"], "{o:?}");
+    assert!(!o.cancelled, "{o:?}");
+    let deadline = Instant::now() + STALL;
+    let mut sent = Vec::new();
+    while sent.is_empty() && Instant::now() < deadline {
+        host.begin_tick().end();
+        sent = chats_sent(&mut host);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(
+        sent,
+        [(
+            "7d0e8c4e-2f4a-4b44-9a8f-3c1f5d2b6a01".to_owned(),
+            "chat filter: 0 blocked, 0 rewritten, 0 passed".to_owned()
+        )],
+        "the stats, sent to the player who typed the command"
+    );
+    host.shutdown("test over");
 }

@@ -685,8 +685,8 @@ fn rss_kib() -> u64 {
 }
 
 /// Sends action batches of about 1 MiB as fast as the stream takes them until `stop`.
-async fn flooder(path: PathBuf, sent: Arc<std::sync::atomic::AtomicU64>, stop: Arc<std::sync::atomic::AtomicBool>) {
-    use std::sync::atomic::Ordering;
+async fn flooder(path: PathBuf, sent: Arc<plugbus::sync::AtomicU64>, stop: Arc<plugbus::sync::AtomicBool>) {
+    use plugbus::sync::Ordering;
     let channel = tonic::transport::Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
@@ -741,7 +741,7 @@ async fn flooder(path: PathBuf, sent: Arc<std::sync::atomic::AtomicU64>, stop: A
 /// stays bounded, and a well-behaved plugin beside it answers every tick on time.
 #[test]
 fn a_flooding_plugin_is_held_back_and_the_others_go_on() {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use plugbus::sync::{AtomicBool, AtomicU64, Ordering};
     let sock = socket("flood");
     let mut host = host_with(
         vec![grpc_attached("flood"), grpc_attached("calm")],

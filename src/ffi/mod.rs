@@ -18,6 +18,7 @@
 
 pub mod connection;
 pub mod event;
+pub mod host;
 
 use std::cell::RefCell;
 use std::ffi::{CString, c_char, c_void};
@@ -31,6 +32,7 @@ use crate::transport::ConnectError;
 
 pub use connection::*;
 pub use event::*;
+pub use host::*;
 
 /// A status code: `PLUGBUS_OK` (0), `PLUGBUS_SHUTDOWN` (1), or a negative `PLUGBUS_ERR_*`.
 pub type plugbus_status = i32;

@@ -444,6 +444,21 @@ impl Host {
         self.notices.drain(..)
     }
 
+    /// The oldest action not taken yet (one at a time, for callers that cannot hold a drain).
+    pub fn next_action(&mut self) -> Option<ActionItem> {
+        self.actions.pop_front()
+    }
+
+    /// The oldest plugin log line not taken yet.
+    pub fn next_log(&mut self) -> Option<LogItem> {
+        self.logs.pop_front()
+    }
+
+    /// The oldest notice not taken yet.
+    pub fn next_notice(&mut self) -> Option<Notice> {
+        self.notices.pop_front()
+    }
+
     /// Counters and histograms.
     pub fn metrics(&self) -> MetricsSnapshot {
         MetricsSnapshot {

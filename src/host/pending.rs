@@ -21,6 +21,11 @@ impl Pending {
     pub fn event_id(&self) -> u64 {
         self.id
     }
+
+    /// The handle of event `id` (the C API hands out ids, not handles).
+    pub(crate) fn from_event_id(id: u64) -> Self {
+        Self { id }
+    }
 }
 
 /// The merged answer to an event that expects a response.
@@ -66,6 +71,11 @@ const MAX_NAP: Duration = Duration::from_millis(1);
 const MAX_WAIT_WORDS: usize = 64;
 
 impl Host {
+    /// Whether `pending`'s outcome is still to be taken.
+    pub fn is_pending(&self, pending: &Pending) -> bool {
+        self.pending.contains_key(&pending.id)
+    }
+
     /// The outcome of `pending` if it is complete: every target answered (or went away), or
     /// the response timeout passed. Reads replies first.
     pub fn poll_outcome(&mut self, pending: &Pending) -> Option<Outcome> {
@@ -78,7 +88,16 @@ impl Host {
     ///
     /// It polls for [`WAIT_SPIN`], then sleeps until any plugin that has not answered yet sends
     /// something (one `futex_waitv` on all their wake-up words), at most 1 ms at a time.
+    ///
+    /// An outcome is taken once: waiting again on a taken one returns at once with nothing
+    /// answered (see [`Host::is_pending`]).
     pub fn wait(&mut self, pending: &Pending, deadline: Instant) -> Outcome {
+        if !self.is_pending(pending) {
+            return Outcome {
+                event_id: pending.id,
+                ..Default::default()
+            };
+        }
         let started = Instant::now();
         loop {
             self.poll();

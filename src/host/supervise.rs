@@ -174,7 +174,10 @@ struct Proc {
     id: String,
     /// `None` for an attached plugin's process (not ours to kill or reap).
     child: Option<Child>,
-    pidfd: OwnedFd,
+    pid: u32,
+    /// Readable once the process exits; `None` where the kernel has no pidfd (before Linux 5.3,
+    /// or under valgrind): then the process is checked every [`NO_PIDFD_POLL`].
+    pidfd: Option<OwnedFd>,
     kill_at: Option<Instant>,
 }
 
@@ -188,10 +191,37 @@ struct Thread {
     shutting_down: Option<Vec<String>>,
 }
 
-/// A pidfd for process `pid`: readable once it exits.
-fn pidfd_of(pid: u32) -> rustix::io::Result<OwnedFd> {
+/// A pidfd for process `pid`: readable once it exits. `Ok(None)` when the kernel has none
+/// (`ENOSYS`): the process is then polled.
+fn pidfd_of(pid: u32) -> rustix::io::Result<Option<OwnedFd>> {
     let pid = rustix::process::Pid::from_raw(pid as i32).ok_or(rustix::io::Errno::SRCH)?;
-    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+    match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(rustix::io::Errno::NOSYS) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// How often processes without a pidfd are checked for exit.
+const NO_PIDFD_POLL: Duration = Duration::from_millis(10);
+
+/// Whether a process without a pidfd has exited: its status if it is our child (reaped), or
+/// "exited" when an attached process is gone.
+fn exited_without_pidfd(p: &mut Proc) -> Option<String> {
+    match p.child.as_mut() {
+        Some(c) => match c.try_wait() {
+            Ok(Some(status)) => Some(describe_status(status)),
+            Ok(None) => None,
+            Err(e) => Some(format!("exited (wait failed: {e})")),
+        },
+        None => {
+            let pid = rustix::process::Pid::from_raw(p.pid as i32)?;
+            match rustix::process::test_kill_process(pid) {
+                Err(rustix::io::Errno::SRCH) => Some("exited".to_owned()),
+                _ => None,
+            }
+        }
+    }
 }
 
 /// The longest poll when nothing is due (a request wakes it at once).
@@ -244,7 +274,12 @@ impl Thread {
                 .filter_map(|p| p.kill_at)
                 .min()
                 .map_or(IDLE_POLL, |t| t.saturating_duration_since(now))
-                .min(IDLE_POLL);
+                .min(IDLE_POLL)
+                .min(if self.procs.iter().any(|p| p.pidfd.is_none()) {
+                    NO_PIDFD_POLL
+                } else {
+                    IDLE_POLL
+                });
             self.poll(timeout);
         }
     }
@@ -253,32 +288,48 @@ impl Thread {
     fn poll(&mut self, timeout: Duration) {
         let mut fds = Vec::with_capacity(self.procs.len() + 1);
         fds.push(PollFd::new(&*self.wake, PollFlags::IN));
-        fds.extend(self.procs.iter().map(|p| PollFd::new(&p.pidfd, PollFlags::IN)));
+        // Which process each further entry watches.
+        let mut watched = Vec::with_capacity(self.procs.len());
+        for (k, p) in self.procs.iter().enumerate() {
+            if let Some(fd) = &p.pidfd {
+                fds.push(PollFd::new(fd, PollFlags::IN));
+                watched.push(k);
+            }
+        }
         let ts = rustix::time::Timespec {
             tv_sec: timeout.as_secs() as _,
             tv_nsec: timeout.subsec_nanos() as _,
         };
-        if rustix::event::poll(&mut fds, Some(&ts)).unwrap_or(0) == 0 {
-            return;
+        let n = rustix::event::poll(&mut fds, Some(&ts)).unwrap_or(0);
+        let mut ready = vec![false; self.procs.len()];
+        if n > 0 {
+            if !fds[0].revents().is_empty() {
+                let mut buf = [0u8; 8];
+                let _ = rustix::io::read(&*self.wake, &mut buf);
+            }
+            for (f, &k) in fds[1..].iter().zip(&watched) {
+                ready[k] = !f.revents().is_empty();
+            }
         }
-        let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
         drop(fds);
-        if ready[0] {
-            let mut buf = [0u8; 8];
-            let _ = rustix::io::read(&*self.wake, &mut buf);
-        }
         let at = Instant::now();
         // From the highest index down, so that swap_remove never moves an entry still to be seen.
         for k in (0..self.procs.len()).rev() {
-            if !ready[k + 1] {
+            let status = if self.procs[k].pidfd.is_none() {
+                match exited_without_pidfd(&mut self.procs[k]) {
+                    Some(s) => s,
+                    None => continue,
+                }
+            } else if ready[k] {
+                match self.procs[k].child.as_mut().map(Child::wait) {
+                    Some(Ok(status)) => describe_status(status),
+                    Some(Err(e)) => format!("exited (wait failed: {e})"),
+                    None => "exited".to_owned(),
+                }
+            } else {
                 continue;
-            }
-            let mut p = self.procs.swap_remove(k);
-            let status = match p.child.as_mut().map(Child::wait) {
-                Some(Ok(status)) => describe_status(status),
-                Some(Err(e)) => format!("exited (wait failed: {e})"),
-                None => "exited".to_owned(),
             };
+            let p = self.procs.swap_remove(k);
             let _ = self.reports.send(Report::Exited {
                 slot: p.slot,
                 generation: p.generation,
@@ -335,6 +386,7 @@ impl Thread {
                     generation,
                     id: String::new(),
                     child: None,
+                    pid,
                     pidfd,
                     kill_at: None,
                 }),
@@ -414,6 +466,7 @@ impl Thread {
                 generation,
                 id: cfg.id.clone(),
                 child: Some(child),
+                pid,
                 pidfd,
                 kill_at: None,
             }),

@@ -74,6 +74,11 @@ impl Host {
         }
     }
 
+    /// Stages moves for the tick in progress (the C API's tick, which has no [`Tick`] value).
+    pub(crate) fn stage_moves(&mut self, records: &[MoveRecord]) {
+        self.moves.extend_from_slice(records);
+    }
+
     /// Routes one fire-and-forget event. Filtered by subscription before any encoding; batched
     /// unless it is immediate (join, quit, chat, command, `immediate`, or `expects_response`).
     ///

@@ -1,9 +1,9 @@
 //! The host's side of the gRPC adapter: the server, the binding of streams to plugins, and the
 //! host's end of each link (two bounded SPSC queues and a wake-up word).
 
+use crate::sync::{AtomicUsize, Ordering};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

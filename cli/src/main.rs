@@ -16,10 +16,10 @@ mod wire;
 // (`plugbus plugin chat-filter`, `plugbus plugin move-counter`) without a separate build.
 // Their `main` functions are unused here.
 #[allow(dead_code)]
-#[path = "../../../examples/chat_filter.rs"]
+#[path = "../../examples/chat_filter.rs"]
 mod chat_filter;
 #[allow(dead_code)]
-#[path = "../../../examples/move_counter.rs"]
+#[path = "../../examples/move_counter.rs"]
 mod move_counter;
 
 use std::alloc::{GlobalAlloc, Layout, System};

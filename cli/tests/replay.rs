@@ -9,7 +9,7 @@ use serde_json::Value;
 const PLUGBUS: &str = env!("CARGO_BIN_EXE_plugbus");
 
 fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
 fn scratch(name: &str) -> PathBuf {

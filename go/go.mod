@@ -1,0 +1,3 @@
+module plugbus.dev/plugbus
+
+go 1.19

@@ -800,3 +800,97 @@ fn a_flooding_plugin_is_held_back_and_the_others_go_on() {
         sent >> 20
     );
 }
+
+/// A plugbus plugin over gRPC is subscribed from the moment it is ready: its subscriptions go
+/// with its hello (the stream's first message must be the hello), so the first event after
+/// `is_ready` reaches it. Without that, the EventSubscribe that follows the hello raced the
+/// game's first dispatch (seen as a flaky replay comparison under load).
+#[test]
+fn a_grpc_plugin_is_subscribed_as_soon_as_it_is_ready() {
+    for round in 0..10 {
+        let sock = socket(&format!("ready-{round}"));
+        let mut host = host_with(vec![grpc_attached("r")], &format!("unix://{}", sock.display()));
+        let (plugin, seen, _hold) = spawn_plugin(format!("unix://{}", sock.display()), "r");
+        wait_until(&mut host, "the plugin's hello", |h| h.is_ready("r"));
+        let mut tick = host.begin_tick();
+        let p = tick.dispatch(&mut chat("first"));
+        tick.end();
+        let o = host.wait(&p, Instant::now() + STALL);
+        assert_eq!(o.answered, ["r"], "round {round}: {o:?}");
+        host.shutdown("done");
+        plugin.join().expect("plugin thread");
+        assert!(seen.lock().unwrap().items.iter().any(|i| i == "chat first"));
+    }
+}
+
+/// The host side of the same rule, without a race to win: a client whose hello carries
+/// `capabilities.subscribe` and that never sends an EventSubscribe gets the chat it subscribed
+/// to in its hello, and answers it.
+#[test]
+fn subscriptions_in_the_hello_hold_from_the_start() {
+    let sock = socket("caps-subscribe");
+    let mut host = host_with(vec![grpc_attached("caps")], &format!("unix://{}", sock.display()));
+    let path = sock.clone();
+    let client = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let channel = tonic::transport::Endpoint::from_static("http://localhost")
+                    .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                        let path = path.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                                tokio::net::UnixStream::connect(path).await?,
+                            ))
+                        }
+                    }))
+                    .await
+                    .expect("connects");
+                let (tx, rx) = tokio::sync::mpsc::channel::<PluginToHost>(8);
+                let msg = |p: plugin_to_host::Payload| PluginToHost {
+                    plugin_id: "caps".into(),
+                    payload: Some(p),
+                };
+                tx.send(msg(plugin_to_host::Payload::Hello(PluginHello {
+                    api_version: "v1".into(),
+                    capabilities: Some(plugbus::proto::PluginCapabilities {
+                        subscribe: vec![EventType::Chat as i32],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })))
+                .await
+                .unwrap();
+                let mut inbound = PluginClient::new(channel)
+                    .event_stream(ReceiverStream::new(rx))
+                    .await
+                    .expect("bound")
+                    .into_inner();
+                let mut chats = Vec::new();
+                while let Ok(Some(m)) = inbound.message().await {
+                    if let Some(host_to_plugin::Payload::Event(e)) = m.payload {
+                        if let Some(Payload::Chat(c)) = &e.payload {
+                            chats.push(c.message.clone());
+                        }
+                        tx.send(msg(plugin_to_host::Payload::EventResult(EventResult {
+                            event_id: e.event_id,
+                            ..Default::default()
+                        })))
+                        .await
+                        .unwrap();
+                    }
+                }
+                chats
+            })
+    });
+    wait_until(&mut host, "the hello", |h| h.is_ready("caps"));
+    assert!(host.is_subscribed("caps", EventType::Chat), "subscribed by its hello");
+    let mut tick = host.begin_tick();
+    let p = tick.dispatch(&mut chat("hi"));
+    tick.end();
+    assert_eq!(host.wait(&p, Instant::now() + STALL).answered, ["caps"]);
+    host.shutdown("done");
+    assert_eq!(client.join().expect("client"), ["hi"]);
+}

@@ -184,6 +184,12 @@ impl Host {
                 boot_id: self.boot_id.to_string(),
             })),
         };
+        // Subscriptions that came with the hello (a plugbus capability) hold from the moment
+        // the plugin is ready.
+        if let Some(caps) = hello.capabilities.as_ref().filter(|c| !c.subscribe.is_empty()) {
+            self.slots[i].subscribed = EventSet::from_types(caps.subscribe.iter().copied());
+        }
+        let s = &self.slots[i];
         let name = format!("{} {}", hello.name, hello.version);
         tracing::info!(plugin = %s.cfg.id, "plugin ready: {name} ({} commands)", hello.commands.len());
         self.slots[i].hello = Some(hello);

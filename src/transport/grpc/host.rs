@@ -158,7 +158,7 @@ impl PluginService for Service {
             Err(status)
         };
         let caps = match &first.payload {
-            Some(plugin_to_host::Payload::Hello(h)) => h.capabilities.unwrap_or_default(),
+            Some(plugin_to_host::Payload::Hello(h)) => h.capabilities.clone().unwrap_or_default(),
             _ => return refuse(Status::failed_precondition("the first message must be a PluginHello")),
         };
         if first.plugin_id.is_empty() {

@@ -301,10 +301,23 @@ impl PluginLink for GrpcPluginLink {
                     // plugbus's own runtime understands batches, packed moves and compression
                     // (unless told to speak as a df.plugin SDK plugin does, for comparisons).
                     if std::env::var(ENV_CAPABILITIES).as_deref() != Ok("none") {
+                        // The subscriptions queued before the hello go with it, so the host
+                        // routes to this plugin from the moment it is ready (as over shm,
+                        // where the subscribe goes first).
+                        let subscribe = self
+                            .before_hello
+                            .iter()
+                            .rev()
+                            .find_map(|m| match &m.payload {
+                                Some(plugin_to_host::Payload::Subscribe(s)) => Some(s.events.clone()),
+                                _ => None,
+                            })
+                            .unwrap_or_default();
                         h.capabilities.get_or_insert(PluginCapabilities {
                             event_batches: true,
                             packed_movements: true,
                             compressed_batches: true,
+                            subscribe,
                         });
                     }
                     if !self.send(msg)? {

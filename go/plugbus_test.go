@@ -420,10 +420,8 @@ func TestArgumentErrors(t *testing.T) {
 	if _, err := Start("[host\n"); code(err) != ErrInvalidArgument {
 		t.Errorf("Start with bad TOML: want ErrInvalidArgument, got %v", err)
 	}
-	if _, err := StartFile("/nonexistent/plugins.toml"); err == nil {
-		t.Errorf("StartFile of a missing file: want an error")
-	} else {
-		t.Logf("StartFile of a missing file: %v", err)
+	if _, err := StartFile("/nonexistent/plugins.toml"); code(err) != ErrNotFound {
+		t.Errorf("StartFile of a missing file: want ErrNotFound, got %v", err)
 	}
 
 	h := startHost(t, chatFilter())
@@ -483,8 +481,8 @@ func TestArgumentErrors(t *testing.T) {
 	if _, err := h.PluginPID("\xff"); code(err) != ErrInvalidArgument {
 		t.Errorf("PluginPID with invalid UTF-8: want ErrInvalidArgument, got %v", err)
 	}
-	if ok, err := h.PluginReady("no_such_plugin"); ok || err != nil {
-		t.Errorf("PluginReady of an unknown plugin: %v, %v", ok, err)
+	if ok, err := h.PluginReady("no_such_plugin"); ok || code(err) != ErrNotFound {
+		t.Errorf("PluginReady of an unknown plugin: want false and ErrNotFound, got %v, %v", ok, err)
 	}
 	if err := h.SendActionResult("no_such_plugin", nil); code(err) != ErrNotFound {
 		t.Errorf("SendActionResult to an unknown plugin: want ErrNotFound, got %v", err)
@@ -492,11 +490,14 @@ func TestArgumentErrors(t *testing.T) {
 	if err := h.SendActionResult("chat_filter", []byte{0xff}); code(err) != ErrInvalidArgument {
 		t.Errorf("SendActionResult of garbage: want ErrInvalidArgument, got %v", err)
 	}
-	// A failed Close (bad reason) leaves the host running.
-	if err := h.Close("\xff"); code(err) != ErrInvalidArgument {
-		t.Errorf("Close with invalid UTF-8: want ErrInvalidArgument, got %v", err)
-	}
 	tickOnce(t, h)
+	// A shutdown never fails on its reason: invalid UTF-8 is replaced, and the host is closed.
+	if err := h.Close("\xff"); err != nil {
+		t.Errorf("Close with invalid UTF-8: want it closed, got %v", err)
+	}
+	if _, err := h.BeginTick(); code(err) != ErrClosed {
+		t.Errorf("BeginTick after Close: want ErrClosed, got %v", err)
+	}
 	var nilHost *Host
 	if _, err := nilHost.BeginTick(); err == nil {
 		t.Errorf("BeginTick on a nil *Host: want an error")

@@ -241,8 +241,9 @@ fn the_plugbus_runtime_over_grpc_gets_batches_and_packed_moves() {
 /// A df.plugin SDK-style plugin: hello first (no capabilities), subscribe, answer every event
 /// that expects a response with an empty result (or cancel "darn"), send an action with a
 /// correlation id, ignore anything else. Returns what it received.
-async fn sdk_plugin(path: PathBuf, id: &str, received: Arc<Mutex<Vec<HostToPlugin>>>) -> Result<(), String> {
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+/// A gRPC channel over the Unix socket at `path`, as an SDK client opens one.
+async fn unix_channel(path: PathBuf) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
             async move {
@@ -252,7 +253,10 @@ async fn sdk_plugin(path: PathBuf, id: &str, received: Arc<Mutex<Vec<HostToPlugi
             }
         }))
         .await
-        .map_err(|e| e.to_string())?;
+}
+
+async fn sdk_plugin(path: PathBuf, id: &str, received: Arc<Mutex<Vec<HostToPlugin>>>) -> Result<(), String> {
+    let channel = unix_channel(path).await.map_err(|e| e.to_string())?;
     let (tx, rx) = tokio::sync::mpsc::channel::<PluginToHost>(64);
     let send = |p: plugin_to_host::Payload| PluginToHost {
         plugin_id: id.to_owned(),
@@ -413,17 +417,7 @@ fn streams_that_cannot_be_bound_are_refused_with_a_status() {
     let open = |first: PluginToHost| {
         let path = sock.clone();
         rt.block_on(async move {
-            let channel = tonic::transport::Endpoint::from_static("http://localhost")
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                }))
-                .await
-                .unwrap();
+            let channel = unix_channel(path).await.unwrap();
             let (tx, rx) = tokio::sync::mpsc::channel::<PluginToHost>(4);
             tx.send(first).await.unwrap();
             let r = PluginClient::new(channel).event_stream(ReceiverStream::new(rx)).await;
@@ -687,17 +681,7 @@ fn rss_kib() -> u64 {
 /// Sends action batches of about 1 MiB as fast as the stream takes them until `stop`.
 async fn flooder(path: PathBuf, sent: Arc<plugbus::sync::AtomicU64>, stop: Arc<plugbus::sync::AtomicBool>) {
     use plugbus::sync::Ordering;
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connects");
+    let channel = unix_channel(path).await.expect("connects");
     // A short client-side queue: what piles up, piles up in the host.
     let (tx, rx) = tokio::sync::mpsc::channel::<PluginToHost>(1);
     let msg = |p: plugin_to_host::Payload| PluginToHost {
@@ -837,17 +821,7 @@ fn subscriptions_in_the_hello_hold_from_the_start() {
             .build()
             .unwrap()
             .block_on(async move {
-                let channel = tonic::transport::Endpoint::from_static("http://localhost")
-                    .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                        let path = path.clone();
-                        async move {
-                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                                tokio::net::UnixStream::connect(path).await?,
-                            ))
-                        }
-                    }))
-                    .await
-                    .expect("connects");
+                let channel = unix_channel(path).await.expect("connects");
                 let (tx, rx) = tokio::sync::mpsc::channel::<PluginToHost>(8);
                 let msg = |p: plugin_to_host::Payload| PluginToHost {
                     plugin_id: "caps".into(),

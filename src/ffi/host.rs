@@ -727,10 +727,7 @@ pub unsafe extern "C" fn plugbus_host_next_action(h: *mut plugbus_host, out: *mu
             };
             s.action_bytes.clear();
             a.action.encode(&mut s.action_bytes).expect("a Vec grows");
-            let kind = match &a.action.kind {
-                None => 0,
-                Some(k) => kind_number(k),
-            };
+            let kind = a.action.kind.as_ref().map_or(0, action::Kind::field_number);
             out.write(plugbus_action {
                 plugin: plugbus_str::new(&a.plugin),
                 kind,
@@ -741,21 +738,6 @@ pub unsafe extern "C" fn plugbus_host_next_action(h: *mut plugbus_host, out: *mu
             Ok(PLUGBUS_OK)
         })
     }
-}
-
-/// The field number of an action's kind (its tag in `Action`).
-fn kind_number(k: &action::Kind) -> i32 {
-    let mut buf = Vec::with_capacity(16);
-    k.encode(&mut buf);
-    // The first varint is the key: field number << 3 | wire type.
-    let mut key = 0u64;
-    for (i, b) in buf.iter().enumerate().take(5) {
-        key |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    (key >> 3) as i32
 }
 
 fn current_action(s: &HostState) -> Result<&action::Kind, Error> {

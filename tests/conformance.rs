@@ -328,18 +328,6 @@ fn rust_example(name: &str) -> PathBuf {
     path
 }
 
-/// The directory of the `libplugbus.so` built with this test binary (`target/<profile>/deps/`).
-fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test binary");
-    let deps = exe.parent().expect("target/<profile>/deps/<test>").to_path_buf();
-    assert!(
-        deps.join("libplugbus.so").exists(),
-        "{} has no libplugbus.so",
-        deps.display()
-    );
-    deps
-}
-
 /// Compiles `ffi/examples/<name>.c` against the shared library, as `tests/ffi_c.rs` does.
 fn c_example(name: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -7,6 +7,8 @@
 //! the host's log, which these tests capture with a tracing subscriber (so does the host's line
 //! with each plugin's exit status).
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,20 +30,6 @@ const VALGRIND_STALL: Duration = Duration::from_secs(180);
 // Building the C plugins
 // ------------------------------------------------------------------------------------------
 
-/// The directory of the `libplugbus.so` (the cdylib) built with this test binary: `cargo test`
-/// leaves it in `target/<profile>/deps/` beside the test (`cargo build` also copies it up to
-/// `target/<profile>/`, but a test run does not refresh that copy).
-fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test binary");
-    let deps = exe.parent().expect("target/<profile>/deps/<test>").to_path_buf();
-    assert!(
-        deps.join("libplugbus.so").exists(),
-        "{} has no libplugbus.so: the crate's [lib] crate-type must include \"cdylib\"",
-        deps.display()
-    );
-    deps
-}
-
 /// How a C example links the library.
 #[derive(Clone, Copy)]
 enum Link {
@@ -59,7 +47,7 @@ fn compile(name: &str, link: Link) -> PathBuf {
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ffi-c");
     std::fs::create_dir_all(&out_dir).expect("create the output dir");
     let exe = out_dir.join(name);
-    let lib = lib_dir();
+    let lib = common::lib_dir();
     let mut gcc = Command::new("gcc");
     gcc.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-g"])
         .arg("-I")
@@ -98,7 +86,10 @@ fn examples() -> &'static (PathBuf, PathBuf) {
 fn plugin_env(plugin: PluginConfig, summary: &Path) -> PluginConfig {
     plugin
         .env("PLUGBUS_SUMMARY_FILE", summary.to_str().expect("UTF-8 temp path"))
-        .env("LD_LIBRARY_PATH", lib_dir().to_str().expect("UTF-8 target path"))
+        .env(
+            "LD_LIBRARY_PATH",
+            common::lib_dir().to_str().expect("UTF-8 target path"),
+        )
 }
 
 fn valgrind() -> PathBuf {
@@ -126,21 +117,6 @@ fn under_valgrind(id: &str, exe: &Path, log: &Path) -> PluginConfig {
         format!("--log-file={}", log.display()),
         exe.display().to_string(),
     ])
-}
-
-/// Asserts that the memcheck report in `log` has no error and no definite leak.
-fn assert_memcheck_clean(log: &Path) {
-    let report =
-        std::fs::read_to_string(log).unwrap_or_else(|e| panic!("no valgrind report at {}: {e}", log.display()));
-    assert!(
-        report.contains("ERROR SUMMARY: 0 errors"),
-        "memcheck found errors:\n{report}"
-    );
-    let definite = report.lines().find(|l| l.contains("definitely lost:"));
-    assert!(
-        definite.is_none_or(|l| l.contains("definitely lost: 0 bytes")),
-        "memcheck found a definite leak:\n{report}"
-    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -417,7 +393,7 @@ fn readme_c_example_compiles_and_links() {
     std::fs::create_dir_all(&dir).expect("create the temp dir");
     let src = dir.join("readme_example.c");
     std::fs::write(&src, code).expect("write the source");
-    let lib = lib_dir();
+    let lib = common::lib_dir();
     let out = Command::new("gcc")
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
         .arg(root.join("ffi"))
@@ -496,7 +472,7 @@ fn c_chat_filter_under_valgrind_is_clean() {
         read_summary(&summary).trim(),
         "end=shutdown cancelled=1 rewritten=1 passed=1 errors=0"
     );
-    assert_memcheck_clean(&report);
+    common::assert_memcheck_clean(&report);
 }
 
 #[test]
@@ -512,7 +488,7 @@ fn c_move_counter_under_valgrind_is_clean() {
     assert_exited_cleanly("vg_moves", VALGRIND_STALL);
     let s = read_summary(&summary);
     assert!(s.starts_with(&format!("end=shutdown moves={sent} players=20 ")), "{s}");
-    assert_memcheck_clean(&report);
+    common::assert_memcheck_clean(&report);
 }
 
 /// The seed host's command event as a replay input line (player "Steve" types `/filterstats`:

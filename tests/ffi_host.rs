@@ -3,6 +3,8 @@
 //! valgrind's memcheck; and every function's argument checks called from Rust as C would call
 //! them (NULL, lengths, UTF-8, stale and foreign handles, calls in the wrong state).
 
+mod common;
+
 use std::ffi::c_char;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,17 +20,6 @@ fn target_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile>")
         .to_path_buf()
-}
-
-/// The cdylib built with this test binary (in deps/, see tests/ffi_c.rs).
-fn lib_dir() -> PathBuf {
-    let deps = target_dir().join("deps");
-    assert!(
-        deps.join("libplugbus.so").exists(),
-        "{} has no libplugbus.so",
-        deps.display()
-    );
-    deps
 }
 
 fn example(name: &str) -> PathBuf {
@@ -47,9 +38,9 @@ fn compile_host() -> PathBuf {
         .arg(root.join("ffi"))
         .arg(root.join("ffi/examples/host.c"))
         .arg("-L")
-        .arg(lib_dir())
+        .arg(common::lib_dir())
         .arg("-lplugbus")
-        .arg(format!("-Wl,-rpath,{}", lib_dir().display()))
+        .arg(format!("-Wl,-rpath,{}", common::lib_dir().display()))
         .arg("-o")
         .arg(&exe)
         .output()
@@ -90,7 +81,7 @@ fn the_c_host_example_runs_the_example_plugins() {
     let out = Command::new(&host)
         .arg(example("chat_filter"))
         .arg(example("move_counter"))
-        .env("LD_LIBRARY_PATH", lib_dir())
+        .env("LD_LIBRARY_PATH", common::lib_dir())
         .env("PLUGBUS_LOG", "warn")
         .output()
         .expect("run the C host");
@@ -118,7 +109,7 @@ fn the_c_host_example_under_valgrind_is_clean() {
         .arg(&host)
         .arg(example("chat_filter"))
         .arg(example("move_counter"))
-        .env("LD_LIBRARY_PATH", lib_dir())
+        .env("LD_LIBRARY_PATH", common::lib_dir())
         .env("PLUGBUS_LOG", "warn")
         .output()
         .expect("run valgrind (apt-get install valgrind; .ci/run does)");
@@ -130,15 +121,7 @@ fn the_c_host_example_under_valgrind_is_clean() {
         out.status
     );
     check_output(&stdout);
-    assert!(
-        report.contains("ERROR SUMMARY: 0 errors"),
-        "memcheck found errors:\n{report}"
-    );
-    let definite = report.lines().find(|l| l.contains("definitely lost:"));
-    assert!(
-        definite.is_none_or(|l| l.contains("definitely lost: 0 bytes")),
-        "memcheck found a definite leak:\n{report}"
-    );
+    common::assert_memcheck_clean(&log);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -804,3 +804,36 @@ pub fn init_logging() {
 pub fn log_text() -> String {
     LOG.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
+
+// ------------------------------------------------------------------------------------------
+// C libraries and valgrind
+// ------------------------------------------------------------------------------------------
+
+/// The directory of the `libplugbus.so` (the cdylib) built with this test binary: `cargo test`
+/// leaves it in `target/<profile>/deps/` beside the test (`cargo build` also copies it up to
+/// `target/<profile>/`, but a test run does not refresh that copy).
+pub fn lib_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("path of the test binary");
+    let deps = exe.parent().expect("target/<profile>/deps/<test>").to_path_buf();
+    assert!(
+        deps.join("libplugbus.so").exists(),
+        "{} has no libplugbus.so: the crate's [lib] crate-type must include \"cdylib\"",
+        deps.display()
+    );
+    deps
+}
+
+/// Asserts that the memcheck report in `log` has no error and no definite leak.
+pub fn assert_memcheck_clean(log: &Path) {
+    let report =
+        std::fs::read_to_string(log).unwrap_or_else(|e| panic!("no valgrind report at {}: {e}", log.display()));
+    assert!(
+        report.contains("ERROR SUMMARY: 0 errors"),
+        "memcheck found errors:\n{report}"
+    );
+    let definite = report.lines().find(|l| l.contains("definitely lost:"));
+    assert!(
+        definite.is_none_or(|l| l.contains("definitely lost: 0 bytes")),
+        "memcheck found a definite leak:\n{report}"
+    );
+}

@@ -50,7 +50,11 @@ fn handshake_hello_commands_and_actions() {
         ["ping"]
     );
     assert!(host.pid_of("hs").is_some());
-    assert!(host.address_of("hs").is_some_and(|s| s.starts_with("shm:plugbus.")));
+    // A launched plugin's segment is a memfd, named only in /proc (no name in /dev/shm).
+    assert!(
+        host.address_of("hs")
+            .is_some_and(|s| s.starts_with("shm:memfd:plugbus."))
+    );
 
     // At once after `start`: a required plugin's subscriptions are in effect (it sends them
     // before its hello). A command it registered: it answers and sends two actions, which reach

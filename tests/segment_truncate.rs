@@ -70,17 +70,22 @@ fn child_truncating_plugin() {
 }
 
 /// Across processes: the host survives a plugin that truncates its segment, and disconnects it
-/// saying so.
+/// saying so. Only a named segment (attach mode) can be truncated: a launched plugin's memfd is
+/// sealed against it (tests/isolation.rs), so the plugin here is started by the test and
+/// attaches by name.
 #[test]
 fn host_survives_a_plugin_that_truncates_its_segment() {
-    let exe = std::env::current_exe().unwrap();
-    let cfg = PluginConfig::launch("truncator", exe)
-        .args(["--exact", "child_truncating_plugin", "--nocapture", "--test-threads=1"])
-        .required(true);
-    let mut config = HostConfig::new(vec![cfg]);
-    config.host.restart_max = 0;
+    let mut config = HostConfig::new(vec![PluginConfig::attached("truncator")]);
     config.host.hello_timeout_ms = 10_000;
     let mut host = Host::start(config).expect("host starts");
+    let address = host.address_of("truncator").expect("configured").to_owned();
+    let mut plugin = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_truncating_plugin", "--nocapture", "--test-threads=1"])
+        .env(plugbus::transport::ENV_ADDRESS, &address)
+        .env("PLUGBUS_PLUGIN_ID", "truncator")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the plugin");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut reason = None;
     let mut tick_no = 0u64;
@@ -101,6 +106,8 @@ fn host_survives_a_plugin_that_truncates_its_segment() {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    let _ = plugin.kill();
+    let _ = plugin.wait();
     let reason = reason.expect("the host never disconnected the truncating plugin");
     assert!(
         reason.contains("truncated"),

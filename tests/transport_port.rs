@@ -280,6 +280,7 @@ impl Acceptor for LoopAcceptor {
             }),
             env: Vec::new(),
             address,
+            inherit: None,
         })
     }
 }

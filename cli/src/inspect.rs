@@ -25,11 +25,12 @@ fn state(s: u32) -> &'static str {
     }
 }
 
-/// Prints every plugbus segment on this machine.
+/// Prints every named plugbus segment on this machine. Launched plugins' segments are memfds,
+/// with no name to list or open: only attach-mode segments show here.
 pub fn inspect() -> Result<(), String> {
     let list = stale::list().map_err(|e| format!("cannot list /dev/shm: {e}"))?;
     if list.is_empty() {
-        println!("no plugbus segments");
+        println!("no named plugbus segments (launched plugins' segments are memfds: not listed)");
         return Ok(());
     }
     for s in &list {

@@ -2,10 +2,12 @@
 //! supervisor thread only.
 
 use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
 use super::config::PluginConfig;
+use crate::transport::INHERITED_FD;
 
 /// Environment variable carrying the plugin's configured id.
 pub const ENV_PLUGIN_ID: &str = "PLUGBUS_PLUGIN_ID";
@@ -16,8 +18,14 @@ pub const ENV_DF_HOST_BOOT_ID: &str = "DF_HOST_BOOT_ID";
 
 /// Spawns a plugin with the environment its link needs (`link_env`): its own process group (so
 /// a terminal's Ctrl-C reaches the host, which then shuts plugins down in order), stdin closed,
-/// stdout and stderr forwarded to the log.
-pub(crate) fn spawn(cfg: &PluginConfig, link_env: &[(String, String)], boot_id: &str) -> std::io::Result<Child> {
+/// stdout and stderr forwarded to the log. `inherit` (the link's descriptor, if any) becomes the
+/// child's [`INHERITED_FD`], and is closed in this process once the child is started.
+pub(crate) fn spawn(
+    cfg: &PluginConfig,
+    link_env: &[(String, String)],
+    inherit: Option<OwnedFd>,
+    boot_id: &str,
+) -> std::io::Result<Child> {
     let command = cfg
         .command
         .as_ref()
@@ -35,6 +43,40 @@ pub(crate) fn spawn(cfg: &PluginConfig, link_env: &[(String, String)], boot_id: 
         .process_group(0);
     if let Some(dir) = &cfg.workdir {
         cmd.current_dir(dir);
+    }
+    // The hook below replaces the child's fd 3. std watches the exec through a pipe it opens
+    // after this point, at the lowest free descriptors: hold fd 3 if it is free (the copy lands
+    // there), so that pipe cannot be the one replaced. Closed with `inherit` when this returns.
+    let inherit = inherit.map(|fd| {
+        // SAFETY: F_DUPFD_CLOEXEC takes an int argument (the lowest number to use); `fd` is open.
+        let copy = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, INHERITED_FD) };
+        if copy < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fcntl returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+    });
+    let inherit = inherit.transpose()?;
+    if let Some(fd) = &inherit {
+        let src = fd.as_raw_fd();
+        // SAFETY: the hook runs in the child between fork and exec, and calls only dup2 and
+        // fcntl (async-signal-safe) on descriptors the child holds (`src` is open until this
+        // function returns, after the fork); it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                if src == INHERITED_FD {
+                    // dup2 onto itself changes nothing: clear close-on-exec by hand.
+                    let flags = libc::fcntl(src, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(src, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(src, INHERITED_FD) < 0 {
+                    // The new descriptor does not carry close-on-exec: it survives the exec.
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
     }
     let mut child = cmd.spawn()?;
     if let Some(out) = child.stdout.take() {

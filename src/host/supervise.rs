@@ -458,7 +458,7 @@ impl Thread {
                 pid: None,
             });
         }
-        let mut child = launch::spawn(cfg, &opened.env, boot_id).map_err(launch_error)?;
+        let mut child = launch::spawn(cfg, &opened.env, opened.inherit, boot_id).map_err(launch_error)?;
         let pid = child.id();
         match pidfd_of(pid) {
             Ok(pidfd) => self.procs.push(Proc {

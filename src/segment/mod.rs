@@ -1,15 +1,32 @@
-//! Named POSIX shared-memory segments holding a [`Header`] and a set of rings.
+//! Shared-memory segments holding a [`Header`] and a set of rings: anonymous (a memfd handed
+//! over as a file descriptor) or named (POSIX shared memory).
 //!
-//! The *creator* (the host, in plugbus) makes a segment with [`Segment::create`]: `shm_open`
-//! with `O_CREAT | O_EXCL` and mode 0600, sized with `ftruncate`, mapped with memmap2, header
-//! written, every ring's control block initialized, and the magic number published last. The
-//! *attacher* (the plugin) maps it with [`Segment::open`], which checks the magic, the layout
-//! version, the header size, the real size of the mapping and every ring descriptor before it
-//! hands out a single ring, and refuses with a [`SegmentOpenError`] that says which check failed.
+//! The *creator* (the host, in plugbus) makes a segment, sizes it with `ftruncate`, maps it
+//! with memmap2, writes the header, initializes every ring's control block, and publishes the
+//! magic number last. Two kinds:
+//! - [`Segment::create_memfd`], for a plugin the host launches: `memfd_create`, sealed with
+//!   `F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`. No name exists, so no other process can open
+//!   it (or create it first); the descriptor goes to the one child that inherits it, and both
+//!   sides close it once mapped. The seals fix its size: neither side can truncate it under the
+//!   other's mapping. Its [`Segment::name`] is `memfd:<memfd name>`, for logs and for this
+//!   process's own inspection.
+//! - [`Segment::create`], for attach mode (a plugin started by someone else, who finds the
+//!   segment by name): `shm_open` with `O_CREAT | O_EXCL` and mode 0600. A name is open to every
+//!   process of the same user: attach mode trusts them.
+//!
+//! The *attacher* (the plugin) maps it with [`Segment::open_inherited`] / [`Segment::open_fd`]
+//! (which first check the seals and close the descriptor after mapping) or [`Segment::open`]
+//! (by name). Opening checks before it maps: the file's size with `fstat`, then the header read
+//! with `pread` into local memory (magic, layout version, header size, segment size against the
+//! real size, every ring descriptor). A file that fails is never mapped, so a planted file costs
+//! nothing; one that passes is mapped, checked again from the mapping (the rings used are the
+//! ones mapped), and only then populated. A failure is a [`SegmentOpenError`] that says which
+//! check failed.
 //!
 //! Names all start with [`PREFIX`]. The creator unlinks the name when its [`Segment`] is dropped
 //! (the memory itself lives until the last mapping goes). [`stale::remove_stale`] removes
-//! segments whose creator died without doing so.
+//! segments whose creator died without doing so. A memfd has nothing to unlink: its memory goes
+//! with the last mapping, whoever dies.
 //!
 //! Why memmap2 over `shm_open` rather than the `shared_memory` crate: plugbus needs `O_EXCL`
 //! creation with an exact mode, its own naming and prefix for stale-segment cleanup, `fstat`
@@ -17,7 +34,7 @@
 //! segments; `shared_memory` hides the file descriptor and the open flags, and pulls in nix 0.23
 //! and rand 0.8 for what are four libc calls here.
 //!
-//! Linux only (`/dev/shm` is read to list segments).
+//! Linux only (`/dev/shm` is read to list named segments; memfd and seals).
 
 #[cfg(not(loom))]
 mod guard;
@@ -26,6 +43,7 @@ mod shm;
 pub mod stale;
 
 use std::fs::File;
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -40,6 +58,9 @@ use crate::sync::Ordering;
 pub const PREFIX: &str = "plugbus.";
 /// Longest segment name accepted (well under NAME_MAX).
 pub const MAX_NAME: usize = 200;
+/// The [`Segment::name`] of an anonymous (memfd) segment starts with this, then the memfd's own
+/// name (`memfd:plugbus.<pid>.<tag>.<n>`).
+pub const MEMFD_PREFIX: &str = "memfd:";
 
 /// One ring of a segment to create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +175,17 @@ pub enum SegmentOpenError {
         /// What is wrong.
         reason: String,
     },
+    /// An inherited segment is not sealed against shrinking and growing (or is not a memory
+    /// file at all): its size could change under the mapping.
+    #[error(
+        "segment {name:?} is not a sealed memfd ({reason}); a launched plugin's segment is a memfd the host sealed against shrinking and growing"
+    )]
+    Unsealed {
+        /// The segment (`fd:<n>` or the memfd's name).
+        name: String,
+        /// What was found.
+        reason: String,
+    },
     /// Another live process is attached.
     #[error("segment {name:?} is already attached by live process {pid}")]
     AlreadyAttached {
@@ -259,56 +291,136 @@ pub fn unique_name(tag: &str) -> String {
 /// The clock heartbeats use (see [`crate::clock`]).
 pub use crate::clock::monotonic_ns;
 
-/// Maps a segment's file shared, with every page faulted in now (`MAP_POPULATE`): the creator
-/// and the attacher both map this way, so neither pays page faults on its first ticks.
+/// Maps a segment file this process just made, shared, with every page faulted in now
+/// (`MAP_POPULATE`), so the creator pays no page faults on its first ticks. An opener maps with
+/// [`Segment::map_file`] instead: it populates only what it validated.
 fn map_segment(file: &File) -> std::io::Result<MmapRaw> {
     memmap2::MmapOptions::new().populate().map_raw(file)
+}
+
+/// Where each ring goes (after the reserved header, each on its own page) and the total size.
+fn layout(rings: &[RingSpec]) -> Result<(Vec<RingDesc>, u64), SegmentCreateError> {
+    if rings.len() > MAX_RINGS {
+        return Err(SegmentCreateError::BadRing {
+            index: MAX_RINGS,
+            reason: format!("at most {MAX_RINGS} rings per segment"),
+        });
+    }
+    let mut descs = Vec::with_capacity(rings.len());
+    let mut offset = header::HEADER_RESERVED as u64;
+    for (index, spec) in rings.iter().enumerate() {
+        let bad = |reason: &str| SegmentCreateError::BadRing {
+            index,
+            reason: reason.to_owned(),
+        };
+        let unit = match spec.kind {
+            RingKind::Frame => 8,
+            RingKind::Record => spec.unit,
+        };
+        if unit == 0 || unit as usize > 1 << 20 {
+            return Err(bad("record size must be between 1 byte and 1 MiB"));
+        }
+        if !spec.capacity.is_power_of_two() || (spec.kind == RingKind::Frame && spec.capacity < 64) {
+            return Err(bad("capacity must be a power of two (at least 64 bytes for frames)"));
+        }
+        let spec = RingSpec { unit, ..*spec };
+        let len = spec
+            .region_len()
+            .filter(|&l| l <= 1 << 40)
+            .ok_or_else(|| bad("ring too large"))?;
+        descs.push(RingDesc {
+            offset,
+            capacity: spec.capacity,
+            unit,
+            kind: spec.kind as u32,
+        });
+        offset = (offset + len).next_multiple_of(4096);
+    }
+    Ok((descs, offset))
+}
+
+/// Opens the file of named segment `name` (read-write, close-on-exec).
+fn open_named(name: &str) -> Result<File, SegmentOpenError> {
+    shm::open(name, true).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            SegmentOpenError::NotFound(name.to_owned())
+        } else {
+            SegmentOpenError::Os {
+                op: "shm_open",
+                name: name.to_owned(),
+                source: e,
+            }
+        }
+    })
+}
+
+/// A name for the segment behind an inherited descriptor: the memfd's own name
+/// (`memfd:plugbus.<pid>.<tag>.<n>`, read from `/proc/self/fd`), else `fd:<n>`.
+fn fd_name(fd: BorrowedFd<'_>) -> String {
+    let raw = fd.as_raw_fd();
+    std::fs::read_link(format!("/proc/self/fd/{raw}"))
+        .ok()
+        .and_then(|p| p.to_str().map(str::to_owned))
+        .and_then(|p| {
+            let p = p.strip_prefix('/')?;
+            let p = p.strip_suffix(" (deleted)").unwrap_or(p);
+            (p.starts_with(MEMFD_PREFIX) && p.len() <= MAX_NAME + MEMFD_PREFIX.len()).then(|| p.to_owned())
+        })
+        .unwrap_or_else(|| format!("fd:{raw}"))
+}
+
+/// The memfd segments this process created, so that it can inspect its own by name (they have
+/// none in `/dev/shm`). Entries hold the mapping weakly: a dropped segment is gone.
+mod local {
+    use std::sync::{Arc, Mutex, Weak};
+
+    use super::{Mapping, RingDesc, Segment, Side};
+
+    struct Entry {
+        name: String,
+        map: Weak<Mapping>,
+        rings: Vec<RingDesc>,
+    }
+
+    static SEGMENTS: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+
+    pub(super) fn register(seg: &Segment) {
+        let mut all = SEGMENTS.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|e| e.map.strong_count() > 0);
+        all.push(Entry {
+            name: seg.name.clone(),
+            map: Arc::downgrade(&seg.map),
+            rings: seg.rings.clone(),
+        });
+    }
+
+    /// A handle on the live memfd segment `name` of this process (unattached, for inspection).
+    pub(super) fn find(name: &str) -> Option<Segment> {
+        let mut all = SEGMENTS.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|e| e.map.strong_count() > 0);
+        let e = all.iter().find(|e| e.name == name)?;
+        Some(Segment {
+            name: e.name.clone(),
+            map: e.map.upgrade()?,
+            side: Side::Attacher,
+            rings: e.rings.clone(),
+            unlink_on_drop: false,
+            attached: false,
+        })
+    }
 }
 
 impl Segment {
     /// Creates segment `name` with the given rings. The returned segment unlinks the name on
     /// drop.
+    ///
+    /// Any process of the same user can open a named segment: use names only where that is
+    /// trusted (a plugin in attach mode); a launched plugin gets a [`Segment::create_memfd`].
     pub fn create(name: &str, tag: &str, rings: &[RingSpec]) -> Result<Self, SegmentCreateError> {
         if !valid_name(name) {
             return Err(SegmentCreateError::InvalidName(name.to_owned()));
         }
-        if rings.len() > MAX_RINGS {
-            return Err(SegmentCreateError::BadRing {
-                index: MAX_RINGS,
-                reason: format!("at most {MAX_RINGS} rings per segment"),
-            });
-        }
-        let mut descs = Vec::with_capacity(rings.len());
-        let mut offset = header::HEADER_RESERVED as u64;
-        for (index, spec) in rings.iter().enumerate() {
-            let bad = |reason: &str| SegmentCreateError::BadRing {
-                index,
-                reason: reason.to_owned(),
-            };
-            let unit = match spec.kind {
-                RingKind::Frame => 8,
-                RingKind::Record => spec.unit,
-            };
-            if unit == 0 || unit as usize > 1 << 20 {
-                return Err(bad("record size must be between 1 byte and 1 MiB"));
-            }
-            if !spec.capacity.is_power_of_two() || (spec.kind == RingKind::Frame && spec.capacity < 64) {
-                return Err(bad("capacity must be a power of two (at least 64 bytes for frames)"));
-            }
-            let spec = RingSpec { unit, ..*spec };
-            let len = spec
-                .region_len()
-                .filter(|&l| l <= 1 << 40)
-                .ok_or_else(|| bad("ring too large"))?;
-            descs.push(RingDesc {
-                offset,
-                capacity: spec.capacity,
-                unit,
-                kind: spec.kind as u32,
-            });
-            offset = (offset + len).next_multiple_of(4096);
-        }
-        let size = offset;
+        let (descs, size) = layout(rings)?;
         let os = |op: &'static str| {
             move |source: std::io::Error| SegmentCreateError::Os {
                 op,
@@ -330,12 +442,47 @@ impl Segment {
         };
         file.set_len(size).map_err(os("ftruncate")).map_err(cleanup)?;
         let map = map_segment(&file).map_err(os("mmap")).map_err(cleanup)?;
+        Ok(Self::init(name.to_owned(), map, tag, &descs, size, true))
+    }
+
+    /// Creates an anonymous segment (a memfd) with the given rings: no name exists for it, so no
+    /// other process can open it; the returned descriptor is the only way in, to be handed to
+    /// one process (a launched plugin inherits it) and then closed. Its size is sealed
+    /// (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`): neither side can truncate it under the
+    /// other's mapping.
+    ///
+    /// Its [`name`](Segment::name) is `memfd:plugbus.<pid>.<tag>.<n>` (the memfd's own name, as
+    /// `/proc/<pid>/maps` shows it). While the segment lives, this process can open it for
+    /// inspection by that name ([`Segment::open_unattached`]); no other process can.
+    pub fn create_memfd(tag: &str, rings: &[RingSpec]) -> Result<(Self, OwnedFd), SegmentCreateError> {
+        let (descs, size) = layout(rings)?;
+        let memfd_name = unique_name(tag);
+        let name = format!("{MEMFD_PREFIX}{memfd_name}");
+        let os = |op: &'static str| {
+            let name = &name;
+            move |source: std::io::Error| SegmentCreateError::Os {
+                op,
+                name: name.clone(),
+                source,
+            }
+        };
+        let file = shm::memfd(&memfd_name).map_err(os("memfd_create"))?;
+        file.set_len(size).map_err(os("ftruncate"))?;
+        shm::seal(&file).map_err(os("fcntl(F_ADD_SEALS)"))?;
+        let map = map_segment(&file).map_err(os("mmap"))?;
+        let seg = Self::init(name, map, tag, &descs, size, false);
+        local::register(&seg);
+        Ok((seg, file.into()))
+    }
+
+    /// Writes the header of a fresh mapping, initializes its rings and publishes the magic.
+    fn init(name: String, map: MmapRaw, tag: &str, descs: &[RingDesc], size: u64, unlink_on_drop: bool) -> Self {
         let seg = Self {
-            name: name.to_owned(),
+            name,
             map: Arc::new(Mapping::new(map)),
             side: Side::Creator,
-            rings: descs.clone(),
-            unlink_on_drop: true,
+            rings: descs.to_vec(),
+            unlink_on_drop,
             attached: false,
         };
         let mut tag_bytes = [0u8; header::TAG_LEN];
@@ -343,7 +490,7 @@ impl Segment {
         let n = t.len().min(header::TAG_LEN);
         tag_bytes[..n].copy_from_slice(&t[..n]);
         let mut ring_array = [RingDesc::default(); MAX_RINGS];
-        ring_array[..descs.len()].copy_from_slice(&descs);
+        ring_array[..descs.len()].copy_from_slice(descs);
         let pid = std::process::id();
         let fixed = header::Fixed {
             magic: crate::sync::AtomicU64::new(0),
@@ -370,8 +517,9 @@ impl Segment {
             attacher_counters: Default::default(),
         };
         // SAFETY: the mapping is page-aligned (so aligned for Header) and at least
-        // HEADER_RESERVED >= size_of::<Header>() bytes; the name was created exclusively just now,
-        // and the magic is still 0, so no opener uses the header yet.
+        // HEADER_RESERVED >= size_of::<Header>() bytes (`layout` puts the first ring there); the
+        // file was created just now (exclusively by name, or anonymously), and the magic is
+        // still 0, so no opener uses the header yet.
         unsafe { seg.map.map.as_mut_ptr().cast::<Header>().write(hdr) };
         for i in 0..descs.len() {
             let region = seg.ring_region(i).expect("ring descriptor just computed");
@@ -379,23 +527,187 @@ impl Segment {
         }
         seg.header().creator_heartbeat.store(monotonic_ns(), Ordering::Relaxed);
         seg.header().shared.state.store(header::STATE_READY, Ordering::Relaxed);
-        // Release: pairs with the Acquire load of `magic` in `open`/`peek`: an opener that sees
+        // Release: pairs with the Acquire load of `magic` in `validate`: an opener that sees
         // the magic sees the whole header and initialized rings.
         seg.header().fixed.magic.store(MAGIC, Ordering::Release);
-        Ok(seg)
+        seg
     }
 
     /// Opens segment `name` as the attacher, checking everything in its header, and records
     /// this process as the attacher. Refused if another live process is attached.
     pub fn open(name: &str) -> Result<Self, SegmentOpenError> {
-        let mut seg = Self::open_unattached(name)?;
+        if !valid_name(name) {
+            return Err(SegmentOpenError::InvalidName(name.to_owned()));
+        }
+        let file = open_named(name)?;
+        Self::map_file(&file, name.to_owned(), true)?.claim()
+    }
+
+    /// Opens the segment behind an inherited descriptor (a launched plugin's memfd) as the
+    /// attacher, like [`Segment::open`], and closes the descriptor: once mapped, no other
+    /// process can reach the segment through this one's `/proc/<pid>/fd`.
+    ///
+    /// Refused ([`SegmentOpenError::Unsealed`]) unless the file is sealed against shrinking,
+    /// growing and further sealing, as [`Segment::create_memfd`] makes it: an unsealed file
+    /// could be truncated under the mapping. The descriptor is closed on every path.
+    pub fn open_fd(fd: OwnedFd) -> Result<Self, SegmentOpenError> {
+        let name = fd_name(fd.as_fd());
+        let os = |op: &'static str| {
+            let name = &name;
+            move |source: std::io::Error| SegmentOpenError::Os {
+                op,
+                name: name.clone(),
+                source,
+            }
+        };
+        // Until it is closed below, a process this one starts must not inherit it.
+        shm::set_cloexec(fd.as_fd()).map_err(os("fcntl(F_SETFD)"))?;
+        let unsealed = |reason: String| SegmentOpenError::Unsealed {
+            name: name.clone(),
+            reason,
+        };
+        let seals = shm::seals(fd.as_fd()).map_err(|e| unsealed(format!("F_GET_SEALS: {e}")))?;
+        if seals & shm::SEALS != shm::SEALS {
+            return Err(unsealed(format!(
+                "seals {seals:#x}, expected at least {:#x} (shrink, grow, seal)",
+                shm::SEALS
+            )));
+        }
+        let file = File::from(fd);
+        let seg = Self::map_file(&file, name.clone(), true)?;
+        // Closes the descriptor; the mapping keeps the memory.
+        drop(file);
+        seg.claim()
+    }
+
+    /// Opens the segment a launched plugin inherited as descriptor `fd` (see
+    /// [`Segment::open_fd`]), taking the descriptor over and closing it.
+    ///
+    /// The descriptor is taken only if it is open and a sealed memory file, and only once per
+    /// process: an address naming a descriptor this process uses for something else is refused
+    /// without touching it, and a second open of the same number (closed by the first, perhaps
+    /// reused since) is refused with [`SegmentOpenError::NotFound`].
+    pub fn open_inherited(fd: RawFd) -> Result<Self, SegmentOpenError> {
+        static TAKEN: std::sync::Mutex<Vec<RawFd>> = std::sync::Mutex::new(Vec::new());
+        let label = format!("fd:{fd}");
+        let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+        if fd < 0 || taken.contains(&fd) {
+            return Err(SegmentOpenError::NotFound(format!(
+                "{label} (an inherited segment opens once per process, and this one was opened already)"
+            )));
+        }
+        if !shm::is_open(fd) {
+            return Err(SegmentOpenError::NotFound(format!(
+                "{label} (no such open descriptor: was this process started by a plugbus host?)"
+            )));
+        }
+        // SAFETY: `fd` is open (checked just above, and nothing in this function closes it); the
+        // borrow ends before this function returns.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        match shm::seals(borrowed) {
+            Ok(seals) if seals & shm::SEALS == shm::SEALS => {}
+            Ok(seals) => {
+                return Err(SegmentOpenError::Unsealed {
+                    name: fd_name(borrowed),
+                    reason: format!(
+                        "seals {seals:#x}, expected at least {:#x} (shrink, grow, seal)",
+                        shm::SEALS
+                    ),
+                });
+            }
+            Err(e) => {
+                return Err(SegmentOpenError::Unsealed {
+                    name: fd_name(borrowed),
+                    reason: format!("F_GET_SEALS: {e}"),
+                });
+            }
+        }
+        taken.push(fd);
+        drop(taken);
+        // SAFETY: `fd` is open and a sealed memory file, which only the host's `create_memfd`
+        // hands to a plugin, at the number its address names: it is this link's descriptor.
+        // It was never taken before in this process (TAKEN), so no other owner exists here.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        Self::open_fd(owned)
+    }
+
+    /// Opens and validates segment `name` without claiming the attacher slot (for inspection).
+    /// A memfd segment this process created (see [`Segment::create_memfd`]) opens by its
+    /// `memfd:` name; nothing else does.
+    pub fn open_unattached(name: &str) -> Result<Self, SegmentOpenError> {
+        if name.starts_with(MEMFD_PREFIX) {
+            return local::find(name).ok_or_else(|| SegmentOpenError::NotFound(name.to_owned()));
+        }
+        if !valid_name(name) {
+            return Err(SegmentOpenError::InvalidName(name.to_owned()));
+        }
+        let file = open_named(name)?;
+        Self::map_file(&file, name.to_owned(), false)
+    }
+
+    /// Maps a segment file after checking it: its size with `fstat`, then its header, read with
+    /// `pread` into this process's memory, so a file that fails validation is never mapped, and
+    /// nothing large is mapped before its size is known to be the header's. Then the header is
+    /// validated again from the mapping (the creator could have changed it in between: the rings
+    /// used are the ones mapped), and only then are the pages faulted in (`populate`).
+    fn map_file(file: &File, name: String, populate: bool) -> Result<Self, SegmentOpenError> {
+        use std::os::unix::fs::FileExt as _;
+
+        let os = |op: &'static str| {
+            let name = &name;
+            move |source: std::io::Error| SegmentOpenError::Os {
+                op,
+                name: name.clone(),
+                source,
+            }
+        };
+        let actual = file.metadata().map_err(os("fstat"))?.len();
+        let min = std::mem::size_of::<Header>() as u64;
+        if actual < min {
+            return Err(SegmentOpenError::Truncated {
+                name,
+                expected: min,
+                actual,
+            });
+        }
+        let mut copy = std::mem::MaybeUninit::<Header>::zeroed();
+        // SAFETY: `copy` is size_of::<Header>() bytes owned by this frame, all initialized
+        // (zeroed, padding included); the slice is its only use until it ends.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(copy.as_mut_ptr().cast::<u8>(), min as usize) };
+        file.read_exact_at(bytes, 0).map_err(os("pread"))?;
+        // SAFETY: every byte is initialized (above), and Header holds only integers and atomics,
+        // valid for any bit pattern.
+        let copy = unsafe { copy.assume_init_ref() };
+        validate(copy, &name, actual)?;
+        let len = usize::try_from(actual).map_err(|_| SegmentOpenError::Corrupt {
+            name: name.clone(),
+            reason: format!("{actual} bytes do not fit this process's address space"),
+        })?;
+        let map = memmap2::MmapOptions::new().len(len).map_raw(file).map_err(os("mmap"))?;
+        let mut seg = Self {
+            name,
+            map: Arc::new(Mapping::new(map)),
+            side: Side::Attacher,
+            rings: Vec::new(),
+            unlink_on_drop: false,
+            attached: false,
+        };
+        seg.rings = validate(seg.header(), &seg.name, actual)?;
+        if populate {
+            shm::populate(seg.map.map.as_mut_ptr(), seg.map.map.len());
+        }
+        Ok(seg)
+    }
+
+    /// Records this process as the attacher. Refused if another live process is attached.
+    fn claim(mut self) -> Result<Self, SegmentOpenError> {
         let me = std::process::id();
-        let shared = &seg.header().shared;
+        let shared = &self.header().shared;
         let mut current = shared.attacher_pid.load(Ordering::Acquire);
         loop {
             if current != 0 && current != me && stale::pid_alive(current, 0) {
                 return Err(SegmentOpenError::AlreadyAttached {
-                    name: name.to_owned(),
+                    name: self.name.clone(),
                     pid: current,
                 });
             }
@@ -408,51 +720,12 @@ impl Segment {
                 Err(now) => current = now,
             }
         }
-        seg.header().attacher_heartbeat.store(monotonic_ns(), Ordering::Relaxed);
+        self.header()
+            .attacher_heartbeat
+            .store(monotonic_ns(), Ordering::Relaxed);
         shared.state.store(header::STATE_ATTACHED, Ordering::Release);
-        seg.attached = true;
-        Ok(seg)
-    }
-
-    /// Opens and validates segment `name` without claiming the attacher slot (for inspection).
-    pub fn open_unattached(name: &str) -> Result<Self, SegmentOpenError> {
-        if !valid_name(name) {
-            return Err(SegmentOpenError::InvalidName(name.to_owned()));
-        }
-        let os = |op: &'static str| {
-            move |source: std::io::Error| SegmentOpenError::Os {
-                op,
-                name: name.to_owned(),
-                source,
-            }
-        };
-        let file: File = shm::open(name, true).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                SegmentOpenError::NotFound(name.to_owned())
-            } else {
-                os("shm_open")(e)
-            }
-        })?;
-        let actual = file.metadata().map_err(os("fstat"))?.len();
-        let min = std::mem::size_of::<Header>() as u64;
-        if actual < min {
-            return Err(SegmentOpenError::Truncated {
-                name: name.to_owned(),
-                expected: min,
-                actual,
-            });
-        }
-        let map = map_segment(&file).map_err(os("mmap"))?;
-        let mut seg = Self {
-            name: name.to_owned(),
-            map: Arc::new(Mapping::new(map)),
-            side: Side::Attacher,
-            rings: Vec::new(),
-            unlink_on_drop: false,
-            attached: false,
-        };
-        seg.rings = validate(seg.header(), name, actual)?;
-        Ok(seg)
+        self.attached = true;
+        Ok(self)
     }
 
     /// The segment's name.

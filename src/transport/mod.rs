@@ -37,10 +37,11 @@
 //!    peer that breaks the protocol yields [`LinkError::Protocol`]; a link whose medium failed
 //!    under it (truncated memory, reset connection) yields [`LinkError::Broken`] and says why
 //!    in [`HostLink::failure`]. The host then disconnects the plugin with that text.
-//! 7. **Addresses.** An address is `scheme:rest` (`shm:plugbus.chat.1234.1`,
+//! 7. **Addresses.** An address is `scheme:rest` (`shm:fd:3`, `shm:plugbus.chat.1234.1`,
 //!    `unix:///run/plugbus.sock`, `tcp://127.0.0.1:50050`). The host gives a launched plugin its
-//!    address in [`ENV_ADDRESS`] (with whatever else [`OpenedLink::env`] holds); the plugin
-//!    runtime calls [`connect`], which picks the connector by scheme.
+//!    address in [`ENV_ADDRESS`] (with whatever else [`OpenedLink::env`] holds), and the
+//!    descriptor in [`OpenedLink::inherit`], if any, as [`INHERITED_FD`]; the plugin runtime
+//!    calls [`connect`], which picks the connector by scheme.
 
 #[cfg(not(loom))]
 pub mod grpc;
@@ -344,13 +345,21 @@ pub struct OpenedLink {
     pub address: String,
     /// The environment a launched plugin needs to connect ([`ENV_ADDRESS`] at least).
     pub env: Vec<(String, String)>,
+    /// A descriptor the launched plugin inherits as [`INHERITED_FD`] (the shared-memory
+    /// adapter's memfd; its address in `env` names that number). The host closes its own copy
+    /// once the plugin is started; `None` for transports that pass nothing.
+    pub inherit: Option<std::os::fd::OwnedFd>,
 }
+
+/// The descriptor number at which a launched plugin finds [`OpenedLink::inherit`].
+pub const INHERITED_FD: std::os::fd::RawFd = 3;
 
 impl std::fmt::Debug for OpenedLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OpenedLink")
             .field("address", &self.address)
             .field("env", &self.env)
+            .field("inherit", &self.inherit)
             .finish_non_exhaustive()
     }
 }

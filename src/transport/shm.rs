@@ -12,11 +12,23 @@
 //! control tail) sees the frame: `loom-tests/` checks this. The plugin thus gets every item in
 //! the order the host wrote it, while moves keep their own ring and size.
 //!
-//! The adapter owns everything about shared memory: segment names (`plugbus.<pid>.<id>.<n>`,
-//! or the fixed name of an attach-mode plugin), creation, the removal of segments whose host
-//! died ([`ShmAcceptor`]'s `clean_stale`), unlinking (when the host's link is dropped), and the
-//! [`ENV_SEGMENT`] variable that plugins started by hand may use instead of the address.
+//! **Who can reach a segment.** A plugin the host launches gets an anonymous segment: a memfd
+//! sealed against shrinking and growing ([`Segment::create_memfd`]), handed over in
+//! [`OpenedLink::inherit`] and inherited by the child as descriptor [`INHERITED_FD`]; its address
+//! is `shm:fd:3`. The plugin maps it and closes the descriptor, the host closes its copy once
+//! the child is started: from then on only the two mappings exist, no name in `/dev/shm`, no
+//! descriptor in `/proc/<pid>/fd`, so another process of the same user can neither open the
+//! segment nor create a name first. Each restart gets a fresh memfd. A plugin in attach mode is
+//! started by someone else and finds its segment by name (`plugbus.<pid>.<id>.<n>`, or the
+//! configured one): attach mode trusts the processes of the same user, since any of them can
+//! open the name.
+//!
+//! The adapter owns everything about shared memory: segment names and memfds, creation, the
+//! removal of named segments whose host died ([`ShmAcceptor`]'s `clean_stale`), unlinking (when
+//! the host's link is dropped), and the [`ENV_SEGMENT`] variable that plugins started by hand
+//! may use instead of the address.
 
+use std::os::fd::{OwnedFd, RawFd};
 use std::time::Duration;
 
 use crate::codec::{self, KIND_HOST_TO_PLUGIN, KIND_PLUGIN_TO_HOST};
@@ -29,8 +41,8 @@ use crate::segment::{self, RingSpec, Segment, SegmentCreateError, SegmentOpenErr
 use crate::sync::{FutexWord, Ordering};
 
 use super::{
-    Acceptor, ConnectError, Connector, Downstream, ENV_ADDRESS, HostLink, HostState, Incoming, LinkCounters, LinkError,
-    LinkRequest, Occupancy, OpenError, OpenedLink, PeerHealth, PluginLink, QueueSizes,
+    Acceptor, ConnectError, Connector, Downstream, ENV_ADDRESS, HostLink, HostState, INHERITED_FD, Incoming,
+    LinkCounters, LinkError, LinkRequest, Occupancy, OpenError, OpenedLink, PeerHealth, PluginLink, QueueSizes,
 };
 
 /// The transport's name and address scheme.
@@ -82,6 +94,18 @@ fn specs(q: &QueueSizes) -> [RingSpec; 3] {
 /// `shm:plugbus.x` as `plugbus.x`.
 fn without_scheme(address: &str) -> &str {
     address.strip_prefix("shm:").unwrap_or(address)
+}
+
+/// The descriptor of an address without its scheme (`fd:3` as 3); `None` if it names no
+/// descriptor, an error if it names one badly.
+fn inherited_fd(address: &str) -> Option<Result<RawFd, String>> {
+    let n = address.strip_prefix("fd:")?;
+    Some(match n.parse::<RawFd>() {
+        Ok(fd) if fd > 2 => Ok(fd),
+        _ => Err(format!(
+            "{address:?} does not name an inherited descriptor (fd:<n>, n a number above 2)"
+        )),
+    })
 }
 
 /// A segment name from an address without its scheme (`plugbus.x`), checked.
@@ -241,6 +265,24 @@ impl Acceptor for ShmAcceptor {
     }
 
     fn open(&mut self, request: &LinkRequest<'_>) -> Result<OpenedLink, OpenError> {
+        if !request.attach {
+            // A launched plugin: an anonymous segment that only it inherits. No name exists that
+            // another process could open, or create first.
+            if let Some(a) = request.address {
+                tracing::warn!(
+                    plugin = %request.plugin_id,
+                    "address {a:?} ignored: a launched plugin's shared-memory segment has no name (it inherits it as fd {INHERITED_FD})"
+                );
+            }
+            let (link, fd) = ShmHostLink::create_memfd(request.plugin_id, request.queues)
+                .map_err(|e| OpenError(format!("cannot create its segment: {e}")))?;
+            return Ok(OpenedLink {
+                address: link.address.clone(),
+                link: Box::new(link),
+                env: vec![(ENV_ADDRESS.to_owned(), format!("{SCHEME}:fd:{INHERITED_FD}"))],
+                inherit: Some(fd),
+            });
+        }
         let name = match request.address {
             Some(a) => {
                 let name = segment_name(without_scheme(a)).map_err(OpenError)?;
@@ -258,6 +300,7 @@ impl Acceptor for ShmAcceptor {
             link: Box::new(link),
             env: vec![(ENV_ADDRESS.to_owned(), address.clone())],
             address,
+            inherit: None,
         })
     }
 }
@@ -278,9 +321,21 @@ impl std::fmt::Debug for ShmHostLink {
 }
 
 impl ShmHostLink {
-    /// Creates the segment `name` for plugin `plugin_id` and attaches the host's ends.
+    /// Creates the segment `name` for plugin `plugin_id` and attaches the host's ends. Any
+    /// process of this user can open the name: for attach mode only.
     pub fn create(name: &str, plugin_id: &str, sizes: &QueueSizes) -> Result<Self, SegmentCreateError> {
-        let segment = Segment::create(name, plugin_id, &specs(sizes))?;
+        Self::attach(Segment::create(name, plugin_id, &specs(sizes))?)
+    }
+
+    /// Creates an anonymous segment (a sealed memfd, see [`Segment::create_memfd`]) for plugin
+    /// `plugin_id` and attaches the host's ends. The descriptor is for the plugin to inherit;
+    /// close it once the plugin is started (the link keeps its mapping).
+    pub fn create_memfd(plugin_id: &str, sizes: &QueueSizes) -> Result<(Self, OwnedFd), SegmentCreateError> {
+        let (segment, fd) = Segment::create_memfd(plugin_id, &specs(sizes))?;
+        Ok((Self::attach(segment)?, fd))
+    }
+
+    fn attach(segment: Segment) -> Result<Self, SegmentCreateError> {
         let ring = |i| segment.ring_region(i).expect("segment has three rings");
         let bad = |index: usize| {
             move |e: RingLayoutError| SegmentCreateError::BadRing {
@@ -292,7 +347,7 @@ impl ShmHostLink {
             moves: frame::Producer::attach(ring(RING_MOVES)).map_err(bad(RING_MOVES))?,
             control: frame::Producer::attach(ring(RING_CONTROL)).map_err(bad(RING_CONTROL))?,
             replies: frame::Consumer::attach(ring(RING_REPLIES)).map_err(bad(RING_REPLIES))?,
-            address: format!("{SCHEME}:{name}"),
+            address: format!("{SCHEME}:{}", segment.name()),
             segment,
         })
     }
@@ -479,19 +534,27 @@ impl Connector for ShmConnector {
     }
 
     fn check(&self, address: &str) -> Result<(), String> {
-        segment_name(without_scheme(address)).map(drop)
+        let address = without_scheme(address);
+        match inherited_fd(address) {
+            Some(fd) => fd.map(drop),
+            None => segment_name(address).map(drop),
+        }
     }
 
     fn connect(&self, address: &str) -> Result<Box<dyn PluginLink>, ConnectError> {
         let address = without_scheme(address);
-        let name = segment_name(address).map_err(|reason| ConnectError::BadAddress {
+        let bad = |reason| ConnectError::BadAddress {
             address: address.to_owned(),
             reason,
-        })?;
-        match ShmPluginLink::open(name) {
+        };
+        let opened = match inherited_fd(address) {
+            Some(fd) => ShmPluginLink::open_inherited(fd.map_err(bad)?),
+            None => ShmPluginLink::open(segment_name(address).map_err(bad)?),
+        };
+        match opened {
             Ok(link) => Ok(Box::new(link)),
             Err(e) => {
-                let address = format!("{SCHEME}:{name}");
+                let address = format!("{SCHEME}:{address}");
                 let reason = e.to_string();
                 Err(match e {
                     SegmentOpenError::NotFound(_) => ConnectError::NotFound { address, reason },
@@ -524,15 +587,25 @@ impl std::fmt::Debug for ShmPluginLink {
 impl ShmPluginLink {
     /// Opens segment `name` (validated) and attaches the plugin's ends.
     pub fn open(name: &str) -> Result<Self, SegmentOpenError> {
-        let segment = Segment::open(name)?;
+        Self::attach(Segment::open(name)?)
+    }
+
+    /// Opens the segment inherited as descriptor `fd` (a sealed memfd; validated), attaches the
+    /// plugin's ends and closes the descriptor (see [`Segment::open_inherited`]).
+    pub fn open_inherited(fd: RawFd) -> Result<Self, SegmentOpenError> {
+        Self::attach(Segment::open_inherited(fd)?)
+    }
+
+    fn attach(segment: Segment) -> Result<Self, SegmentOpenError> {
+        let name = segment.name().to_owned();
         if segment.rings().len() != 3 {
             return Err(SegmentOpenError::Corrupt {
-                name: name.to_owned(),
+                name,
                 reason: format!("a plugin segment has three rings, this one {}", segment.rings().len()),
             });
         }
         let bad = |e: RingLayoutError| SegmentOpenError::Corrupt {
-            name: name.to_owned(),
+            name: name.clone(),
             reason: e.to_string(),
         };
         Ok(Self {

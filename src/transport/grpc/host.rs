@@ -491,6 +491,7 @@ impl Acceptor for GrpcAcceptor {
             }),
             env,
             address,
+            inherit: None,
         })
     }
 }

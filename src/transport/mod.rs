@@ -341,7 +341,9 @@ pub struct ListenSettings {
 pub struct OpenedLink {
     /// The host's end.
     pub link: Box<dyn HostLink>,
-    /// Where the plugin connects (for logs, and for attach mode's operator).
+    /// The link's address, for logs: where an attached plugin connects (for attach mode's
+    /// operator); for a launched plugin, what names its link (e.g. `shm:memfd:plugbus.<...>`),
+    /// while `env` holds what the plugin connects to.
     pub address: String,
     /// The environment a launched plugin needs to connect ([`ENV_ADDRESS`] at least).
     pub env: Vec<(String, String)>,

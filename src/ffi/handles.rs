@@ -289,7 +289,8 @@ impl<T> Exclusive<T> {
         }
     }
 
-    /// Claims the value for this thread (again, if it already holds it).
+    /// Claims the value for this thread (again, if it already holds it). `what` names it in
+    /// the error ("plugin handle").
     pub fn claim(self: Arc<Self>, what: &str) -> Result<Claim<T>, Error> {
         let me = thread_id();
         // Acquire (success): pairs with the Release store in `Claim::drop` of the thread that
@@ -299,7 +300,7 @@ impl<T> Exclusive<T> {
             Err(owner) if owner == me => {}
             Err(_) => {
                 return Err(Error::bad_state(format!(
-                    "{what}: another thread is using this handle (one thread at a time)"
+                    "another thread is using this {what} (a handle is used by one thread at a time)"
                 )));
             }
         }

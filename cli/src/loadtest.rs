@@ -416,7 +416,10 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
                 report.replies_late += o.late.len() as u64;
             }
         }
+        // The game takes what plugins sent (a host holds only so much per plugin); log lines
+        // already went to the log.
         for _ in host.drain_actions() {}
+        for _ in host.drain_logs() {}
         if killed_at.is_none() && killer.as_ref().is_some_and(std::thread::JoinHandle::is_finished) {
             killed_at = Some(
                 killer

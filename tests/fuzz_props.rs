@@ -62,7 +62,7 @@ fn kind_cuts(s: &[u8]) -> bool {
 }
 
 fn run(target: &str) {
-    let (_, harness) = *harness::TARGETS.iter().find(|(t, _)| *t == target).expect("a target");
+    let (_, run_one) = *harness::TARGETS.iter().find(|(t, _)| *t == target).expect("a target");
     let seeds = harness::seeds()
         .into_iter()
         .find(|(t, _)| *t == target)
@@ -76,14 +76,14 @@ fn run(target: &str) {
     let mut runner = TestRunner::new(config.clone());
     runner
         .run(&prop::collection::vec(any::<u8>(), 0..2048), |bytes| {
-            harness(&bytes);
+            run_one(&bytes);
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{target}, arbitrary bytes: {e}"));
     let mut runner = TestRunner::new(config);
     runner
         .run(&mutated(seeds), |bytes| {
-            harness(&bytes);
+            run_one(&bytes);
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{target}, mutated seeds: {e}"));

@@ -417,8 +417,7 @@ pub fn segment(data: &[u8]) {
     };
     assert!(!seg.is_broken());
     let _ = seg.peer_heartbeat_age_ns();
-    for i in 0..seg.rings().len() {
-        let d = seg.rings()[i];
+    for (i, d) in seg.rings().to_vec().into_iter().enumerate() {
         let end = d.offset + d.data_bytes() + CONTROL_SIZE as u64;
         assert!(
             end <= seg.len() as u64,

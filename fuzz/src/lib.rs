@@ -29,8 +29,11 @@ use plugbus::segment::Segment;
 use plugbus::sync::{AtomicU64, Ordering};
 use prost::Message;
 
+/// A harness: takes arbitrary bytes, panics on a finding.
+pub type Harness = fn(&[u8]);
+
 /// Every harness, by target name (the names of `fuzz/src/bin/*` and `fuzz/corpus/*`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Harness)] = &[
     ("frame_ring", frame_ring),
     ("move_frame", move_frame),
     ("envelope", envelope),

@@ -386,3 +386,44 @@ pub unsafe extern "C" fn plugbus_reply_set_chat_message(
         }
     })
 }
+
+/// Calls `f` with an event handle lent over `env` (whose encoding is `bytes`), as `on_event`
+/// is called, and returns what `f` returned with the reply it chose. For the fuzz harnesses
+/// (fuzz/, tests/fuzz_*.rs), which call the accessors and reply helpers on events decoded from
+/// arbitrary bytes without a host; not part of the API.
+#[doc(hidden)]
+pub fn with_event_for_fuzzing<R>(
+    env: &EventEnvelope,
+    bytes: &[u8],
+    max_message: usize,
+    f: impl FnOnce(*mut plugbus_event) -> R,
+) -> (R, Reply) {
+    thread_local! {
+        // One event object per thread, registered once and never freed, like a handle's.
+        static EVENT: &'static plugbus_event = {
+            let ev: &'static plugbus_event = Box::leak(Box::default());
+            super::register(std::ptr::from_ref(ev) as usize);
+            ev
+        };
+    }
+    /// Clears the frame pointer when `f` returns or unwinds, as `CallbackScope` does.
+    struct Clear(&'static plugbus_event);
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            self.0.frame.set(std::ptr::null_mut());
+        }
+    }
+    let ev = EVENT.with(|e| *e);
+    let mut frame = EventFrame {
+        env,
+        bytes,
+        reply: Reply::Ack,
+        max_message,
+    };
+    ev.frame
+        .set(std::ptr::from_mut(&mut frame).cast::<EventFrame<'static>>());
+    let clear = Clear(ev);
+    let r = f(std::ptr::from_ref(ev).cast_mut());
+    drop(clear);
+    (r, frame.reply)
+}

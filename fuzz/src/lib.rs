@@ -580,9 +580,13 @@ fn ffi_event(u: &mut Input<'_>) {
     });
     let _ = reply;
     let mut t = 0;
-    // SAFETY: the event object lent above (never freed), now outside its callback.
+    // SAFETY: a handle (a token, never dereferenced), now outside its callback. It belongs to
+    // no open connection, so it is refused as closed (an open connection's says BAD_STATE).
     let after = unsafe { ce::plugbus_event_type(escaped, &mut t) };
-    assert_eq!(after, c::PLUGBUS_ERR_BAD_STATE, "an event used after its callback");
+    assert!(
+        matches!(after, c::PLUGBUS_ERR_BAD_STATE | c::PLUGBUS_ERR_CLOSED),
+        "an event used after its callback: {after}"
+    );
 }
 
 /// The thread's host (no plugins), started on first use and shut down when the thread ends.

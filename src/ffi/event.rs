@@ -398,32 +398,18 @@ pub fn with_event_for_fuzzing<R>(
     max_message: usize,
     f: impl FnOnce(*mut plugbus_event) -> R,
 ) -> (R, Reply) {
-    thread_local! {
-        // One event object per thread, registered once and never freed, like a handle's.
-        static EVENT: &'static plugbus_event = {
-            let ev: &'static plugbus_event = Box::leak(Box::default());
-            super::register(std::ptr::from_ref(ev) as usize);
-            ev
-        };
-    }
-    /// Clears the frame pointer when `f` returns or unwinds, as `CallbackScope` does.
-    struct Clear(&'static plugbus_event);
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            self.0.frame.set(std::ptr::null_mut());
-        }
-    }
-    let ev = EVENT.with(|e| *e);
     let mut frame = EventFrame {
         env,
         bytes,
         reply: Reply::Ack,
         max_message,
     };
-    ev.frame
-        .set(std::ptr::from_mut(&mut frame).cast::<EventFrame<'static>>());
-    let clear = Clear(ev);
-    let r = f(std::ptr::from_ref(ev).cast_mut());
-    drop(clear);
+    let token = Token::unregistered_event().as_ptr::<plugbus_event>();
+    let r = {
+        // Lent for the call only, as a connection lends it to on_event (the guard ends the
+        // loan when `f` returns or unwinds).
+        let _lent = lend_event(token, &mut frame);
+        f(token)
+    };
     (r, frame.reply)
 }

@@ -101,6 +101,16 @@ impl Token {
             | ((self.index as usize) << INDEX_SHIFT)
     }
 
+    /// An event token of no connection (the fuzz harnesses' lent events): the last slot, a
+    /// generation no registry hands out before it has reused that slot 2^28 - 1 times.
+    pub fn unregistered_event() -> Self {
+        Self {
+            kind: Kind::Event,
+            index: (MAX_SLOTS - 1) as u32,
+            generation: GEN_MASK,
+        }
+    }
+
     /// The same slot and generation as another kind (a connection's event).
     pub fn as_kind(self, kind: Kind) -> Self {
         Self { kind, ..self }

@@ -22,6 +22,15 @@
  * PLUGBUS_ERR_*. After an error, plugbus_last_error() says what went wrong. A NULL pointer, a
  * bad length, a closed handle, a call in the wrong state: each is an error, never a crash.
  *
+ * Handles. plugbus_plugin, plugbus_event and plugbus_host pointers are typed handles: opaque
+ * values (not addresses: never dereference one) that carry their kind and a generation. Every
+ * function checks the kind and liveness of the handle it is given before touching anything, and
+ * reads nothing through it: a handle of another kind (an event passed to plugbus_send_chat, a
+ * plugbus_plugin to plugbus_host_begin_tick, ...), a closed handle (stale, also after a newer
+ * handle was opened) or a made-up pointer returns PLUGBUS_ERR_CLOSED, and plugbus_last_error()
+ * says which ("not a plugbus event handle: this is a plugbus plugin handle", "stale plugin
+ * handle: ..."); NULL returns PLUGBUS_ERR_NULL_POINTER.
+ *
  * Ownership.
  * - A plugbus_plugin is created by plugbus_open_env / plugbus_open and freed by plugbus_close
  *   (NULL is allowed; closing twice returns PLUGBUS_ERR_CLOSED). Nothing else is freed by you.
@@ -35,8 +44,9 @@
  *   NUL-terminated: print it with printf("%.*s", (int)s.len, s.ptr).
  *
  * Threads.
- * - A handle is used by one thread at a time (it may move between threads between calls). Two
- *   handles are independent. plugbus_last_error() is per thread.
+ * - A handle is used by one thread at a time (it may move between threads between calls): a
+ *   call from a second thread while one is inside a call on it returns PLUGBUS_ERR_BAD_STATE.
+ *   Two handles are independent. plugbus_last_error() is per thread.
  * - Callbacks run on the thread that called plugbus_poll, inside that call. From a callback you
  *   may call the event's accessors and reply helpers, plugbus_send_chat, plugbus_send_raw,
  *   plugbus_log and plugbus_subscribe on the same handle; plugbus_poll, plugbus_connect,
@@ -68,7 +78,7 @@
  *   call that fills the same thing (the next outcome, action, notice, log line, metrics text),
  *   and never past plugbus_host_shutdown. Nothing is yours to free but the handle itself
  *   (plugbus_host_shutdown; NULL allowed). Host handles and plugin handles are told apart: one
- *   passed as the other is PLUGBUS_ERR_CLOSED.
+ *   passed as the other is PLUGBUS_ERR_CLOSED (see Handles above).
  * - Positive statuses: PLUGBUS_PENDING (an outcome not complete yet), PLUGBUS_NONE (nothing to
  *   take); plugbus_host_wait returns PLUGBUS_ERR_TIMEOUT with the outcome filled all the same
  *   when some plugin did not answer in time.
@@ -106,7 +116,10 @@
 // outside its callback, a handle call from inside a callback that needs the handle itself.
 #define PLUGBUS_ERR_BAD_STATE -3
 
-// The handle is not a live plugbus handle (already closed, or never opened).
+// The handle is not a live plugbus handle of the kind the function takes: already closed
+// (stale), never opened (a made-up or foreign pointer), or a handle of another kind (an event
+// passed to a connection function, a host handle to a plugin function, ...). Nothing is read
+// through such a pointer; `plugbus_last_error` says which case it is.
 #define PLUGBUS_ERR_CLOSED -4
 
 // Not found: no such segment, or the environment variables a host sets are missing.
@@ -203,16 +216,21 @@
 // `plugbus_action.kind`: kick a player (`plugbus_host_action_kick`).
 #define PLUGBUS_ACTION_KICK 12
 
-// One event, opaque to C. Valid only during the `on_event` callback it was passed to: its
-// accessors and reply helpers return `PLUGBUS_ERR_BAD_STATE` after that.
+// One event, opaque to C: a typed handle (a token naming its connection's slot, never an
+// address read through). Valid only during the `on_event` callback it was passed to: its
+// accessors and reply helpers return `PLUGBUS_ERR_BAD_STATE` after that, and
+// `PLUGBUS_ERR_CLOSED` once its handle is closed.
 typedef struct plugbus_event plugbus_event;
 
-// A host, opaque to C. Created by `plugbus_host_start` or `plugbus_host_start_file`, freed by
-// `plugbus_host_shutdown`. One thread drives it.
+// A host, opaque to C: a typed handle (a token checked against the registry of host handles,
+// never an address read through). Created by `plugbus_host_start` or
+// `plugbus_host_start_file`, freed by `plugbus_host_shutdown`. One thread drives it.
 typedef struct plugbus_host plugbus_host;
 
-// A plugin connection, opaque to C. Created by `plugbus_open_env` or `plugbus_open`, closed by
-// `plugbus_close`. Use it from one thread at a time.
+// A plugin connection, opaque to C: a typed handle (a token checked against the registry of
+// plugin handles, never an address read through). Created by `plugbus_open_env` or
+// `plugbus_open`, closed by `plugbus_close`. Use it from one thread at a time (a call from a
+// second thread while one is in a call is `PLUGBUS_ERR_BAD_STATE`).
 typedef struct plugbus_plugin plugbus_plugin;
 
 // A status code: `PLUGBUS_OK` (0), `PLUGBUS_SHUTDOWN` (1), or a negative `PLUGBUS_ERR_*`.
@@ -337,15 +355,17 @@ plugbus_status plugbus_open(const char *address,
 // `PLUGBUS_ERR_BAD_STATE` once connected.
 //
 // # Safety
-// `p` is NULL or a handle from `plugbus_open*`; `name` and `version` are NULL or
+// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `name` and `version` are NULL or
 // NUL-terminated strings.
-plugbus_status plugbus_hello(struct plugbus_plugin *p, const char *name, const char *version);
+plugbus_status plugbus_hello(struct plugbus_plugin *p,
+                             const char *name,
+                             const char *version);
 
 // Registers a command (sent in the hello); the host then routes `/name` to this plugin as a
 // `COMMAND` event. `description` may be NULL. `PLUGBUS_ERR_BAD_STATE` once connected.
 //
 // # Safety
-// `p` is NULL or a handle from `plugbus_open*`; `name` and `description` are NULL or
+// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `name` and `description` are NULL or
 // NUL-terminated strings.
 plugbus_status plugbus_register_command(struct plugbus_plugin *p,
                                         const char *name,
@@ -357,16 +377,18 @@ plugbus_status plugbus_register_command(struct plugbus_plugin *p,
 // inside a callback). `types` may be NULL when `n` is 0; `n` is at most 1024.
 //
 // # Safety
-// `p` is NULL or a handle from `plugbus_open*`; if `n` is at most 1024, `types` is NULL or
+// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); if `n` is at most 1024, `types` is NULL or
 // points to `n` readable `int32_t`.
-plugbus_status plugbus_subscribe(struct plugbus_plugin *p, const int32_t *types, size_t n);
+plugbus_status plugbus_subscribe(struct plugbus_plugin *p,
+                                 const int32_t *types,
+                                 size_t n);
 
 // Sets how `plugbus_poll` waits when nothing has arrived: `PLUGBUS_WAIT_SPIN`,
 // `PLUGBUS_WAIT_SPIN_THEN_PARK` (default), `PLUGBUS_WAIT_PARK` or `PLUGBUS_WAIT_PACED`. Allowed at any time; it
 // applies from the next wait.
 //
 // # Safety
-// `p` is NULL or a handle from `plugbus_open*`.
+// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error).
 plugbus_status plugbus_set_wait(struct plugbus_plugin *p,
                                 int32_t strategy);
 
@@ -374,8 +396,9 @@ plugbus_status plugbus_set_wait(struct plugbus_plugin *p,
 // `PLUGBUS_ERR_BAD_STATE` once connected.
 //
 // # Safety
-// `p` is NULL or a handle from `plugbus_open*`.
-plugbus_status plugbus_set_hello_timeout(struct plugbus_plugin *p, uint32_t timeout_ms);
+// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error).
+plugbus_status plugbus_set_hello_timeout(struct plugbus_plugin *p,
+                                         uint32_t timeout_ms);
 
 // Connects to the host's link, sends the hello and subscriptions, and waits for the host's
 // hello.
@@ -384,15 +407,16 @@ plugbus_status plugbus_set_hello_timeout(struct plugbus_plugin *p, uint32_t time
 // `PLUGBUS_ERR_HOST_DIED`, ... `PLUGBUS_ERR_BAD_STATE` if already connected.
 //
 // # Safety
-// `p` is NULL or a handle from `plugbus_open*`.
+// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error).
 plugbus_status plugbus_connect(struct plugbus_plugin *p);
 
 // The host's boot id (from its hello), valid until `plugbus_close`.
 // `PLUGBUS_ERR_BAD_STATE` before `plugbus_connect`.
 //
 // # Safety
-// `p` is NULL or a handle from `plugbus_open*`; `out` is NULL or valid for a write.
-plugbus_status plugbus_host_boot_id(struct plugbus_plugin *p, struct plugbus_str *out);
+// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `out` is NULL or valid for a write.
+plugbus_status plugbus_host_boot_id(struct plugbus_plugin *p,
+                                    struct plugbus_str *out);
 
 // Handles everything that has arrived (calling the callbacks, sending replies, beating the
 // heartbeat); if nothing had arrived, waits up to `timeout_ms` (0: do not wait; negative: until
@@ -405,7 +429,7 @@ plugbus_status plugbus_host_boot_id(struct plugbus_plugin *p, struct plugbus_str
 // Call it at least every 100 ms or so: the heartbeat the host watches is beaten here.
 //
 // # Safety
-// `p` is NULL or a handle from `plugbus_open*`; `callbacks` is NULL or points to a
+// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `callbacks` is NULL or points to a
 // `plugbus_callbacks` whose non-NULL function pointers have the declared signatures and may be
 // called with its `user` during this call.
 plugbus_status plugbus_poll(struct plugbus_plugin *p,
@@ -416,8 +440,9 @@ plugbus_status plugbus_poll(struct plugbus_plugin *p,
 // `plugbus_close`. `PLUGBUS_ERR_BAD_STATE` if it has not.
 //
 // # Safety
-// `p` is NULL or a handle from `plugbus_open*`; `reason` is NULL or valid for a write.
-plugbus_status plugbus_shutdown_reason(struct plugbus_plugin *p, struct plugbus_str *reason);
+// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `reason` is NULL or valid for a write.
+plugbus_status plugbus_shutdown_reason(struct plugbus_plugin *p,
+                                       struct plugbus_str *reason);
 
 // Sends a chat message to player `target_uuid` (its text form, as events carry it), or to
 // everyone if `target_len` is 0 (`target_uuid` may then be NULL). Works inside callbacks and
@@ -426,7 +451,7 @@ plugbus_status plugbus_shutdown_reason(struct plugbus_plugin *p, struct plugbus_
 // `PLUGBUS_ERR_INVALID_ARGUMENT`.
 //
 // # Safety
-// `p` is NULL or a handle from `plugbus_open*`; `target_uuid` is NULL or points to
+// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `target_uuid` is NULL or points to
 // `target_len` readable bytes, `message` NULL or to `message_len` readable bytes (when those
 // lengths are within the ring's limit).
 plugbus_status plugbus_send_chat(struct plugbus_plugin *p,
@@ -439,7 +464,7 @@ plugbus_status plugbus_send_chat(struct plugbus_plugin *p,
 // "warn", "info", "debug" or "trace" (NUL-terminated); `message` need not be.
 //
 // # Safety
-// `p` is NULL or a handle from `plugbus_open*`; `level` is NULL or NUL-terminated; `message`
+// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `level` is NULL or NUL-terminated; `message`
 // is NULL or points to `len` readable bytes (when `len` is within the ring's limit).
 plugbus_status plugbus_log(struct plugbus_plugin *p,
                            const char *level,
@@ -452,42 +477,45 @@ plugbus_status plugbus_log(struct plugbus_plugin *p,
 // message's `plugin_id` is replaced by this plugin's id. Works inside callbacks and outside.
 //
 // # Safety
-// `p` is NULL or a handle from `plugbus_open*`; `data` is NULL or points to `len` readable
+// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `data` is NULL or points to `len` readable
 // bytes (when `len` is within the ring's limit).
-plugbus_status plugbus_send_raw(struct plugbus_plugin *p, const uint8_t *data, size_t len);
+plugbus_status plugbus_send_raw(struct plugbus_plugin *p,
+                                const uint8_t *data,
+                                size_t len);
 
 // Closes the handle: detaches from the link and frees what the handle holds. NULL is
-// allowed (nothing happens). A handle already closed is `PLUGBUS_ERR_CLOSED` (a small
-// tombstone of each handle stays allocated, so a closed handle is always recognized); closing
-// from inside a callback is `PLUGBUS_ERR_BAD_STATE` (nothing is closed).
+// allowed (nothing happens). The handle (and its event) is then stale: passing it again, to
+// this or any function, is `PLUGBUS_ERR_CLOSED`, also after a newer handle was opened (each
+// handle carries a generation). Closing from inside a callback is `PLUGBUS_ERR_BAD_STATE`
+// (nothing is closed).
 //
 // # Safety
-// `p` is NULL or a handle from `plugbus_open*`, not used by another thread during the call.
+// `p` is NULL or any pointer (it is checked before use; nothing is read through it).
 plugbus_status plugbus_close(struct plugbus_plugin *p);
 
 // The event's id (`EventEnvelope.event_id`), valid during the callback.
 //
 // # Safety
-// `event` is NULL or a pointer passed to `on_event`; `out` is NULL or valid for a write.
+// `event` is any value (checked, never read through); `out` is NULL or valid for a write.
 plugbus_status plugbus_event_id(struct plugbus_event *event, struct plugbus_str *out);
 
 // The event's df.plugin `EventType` number (`PLUGBUS_EVENT_*`).
 //
 // # Safety
-// `event` is NULL or a pointer passed to `on_event`; `out` is NULL or valid for a write.
+// `event` is any value (checked, never read through); `out` is NULL or valid for a write.
 plugbus_status plugbus_event_type(struct plugbus_event *event, int32_t *out);
 
 // Whether the host waits for this plugin's answer (a reply helper's choice, or an ack).
 //
 // # Safety
-// `event` is NULL or a pointer passed to `on_event`; `out` is NULL or valid for a write.
+// `event` is any value (checked, never read through); `out` is NULL or valid for a write.
 plugbus_status plugbus_event_expects_response(struct plugbus_event *event, bool *out);
 
 // The event's encoded df.plugin `EventEnvelope` (decode it with any protobuf library for the
 // fields the accessors do not cover). The bytes are valid during the callback.
 //
 // # Safety
-// `event` is NULL or a pointer passed to `on_event`; `data` and `len` are NULL or valid for a
+// `event` is any value (checked, never read through); `data` and `len` are NULL or valid for a
 // write.
 plugbus_status plugbus_event_bytes(struct plugbus_event *event, const uint8_t **data, size_t *len);
 
@@ -496,7 +524,7 @@ plugbus_status plugbus_event_bytes(struct plugbus_event *event, const uint8_t **
 // Each out pointer may be NULL (skipped). The strings are valid during the callback.
 //
 // # Safety
-// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
+// `event` is any value (checked, never read through); each out pointer is NULL or valid for a
 // write.
 plugbus_status plugbus_event_chat(struct plugbus_event *event,
                                   struct plugbus_str *player_uuid,
@@ -511,7 +539,7 @@ plugbus_status plugbus_event_chat(struct plugbus_event *event,
 // strings are valid during the callback.
 //
 // # Safety
-// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
+// `event` is any value (checked, never read through); each out pointer is NULL or valid for a
 // write.
 plugbus_status plugbus_event_command(struct plugbus_event *event,
                                      struct plugbus_str *player_uuid,
@@ -524,7 +552,7 @@ plugbus_status plugbus_event_command(struct plugbus_event *event,
 // not below the count or the event is another type. Valid during the callback.
 //
 // # Safety
-// `event` is NULL or a pointer passed to `on_event`; `arg` is NULL or valid for a write.
+// `event` is any value (checked, never read through); `arg` is NULL or valid for a write.
 plugbus_status plugbus_event_command_arg(struct plugbus_event *event,
                                          size_t index,
                                          struct plugbus_str *arg);
@@ -534,7 +562,7 @@ plugbus_status plugbus_event_command_arg(struct plugbus_event *event,
 // type. Each out pointer may be NULL (skipped). The strings are valid during the callback.
 //
 // # Safety
-// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
+// `event` is any value (checked, never read through); each out pointer is NULL or valid for a
 // write.
 plugbus_status plugbus_event_join(struct plugbus_event *event,
                                   struct plugbus_str *player_uuid,
@@ -545,7 +573,7 @@ plugbus_status plugbus_event_join(struct plugbus_event *event,
 // type. Each out pointer may be NULL (skipped). The strings are valid during the callback.
 //
 // # Safety
-// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
+// `event` is any value (checked, never read through); each out pointer is NULL or valid for a
 // write.
 plugbus_status plugbus_event_quit(struct plugbus_event *event,
                                   struct plugbus_str *player_uuid,
@@ -556,13 +584,13 @@ plugbus_status plugbus_event_quit(struct plugbus_event *event,
 // a response are accepted and ignored.
 //
 // # Safety
-// `event` is NULL or a pointer passed to `on_event`.
+// None: `event` may be any value (checked, never read through).
 plugbus_status plugbus_reply_ack(struct plugbus_event *event);
 
 // Answers the event with "cancel it" (the host drops a cancelled chat message, ...).
 //
 // # Safety
-// `event` is NULL or a pointer passed to `on_event`.
+// None: `event` may be any value (checked, never read through).
 plugbus_status plugbus_reply_cancel(struct plugbus_event *event);
 
 // Answers a `CHAT` event with "replace the message by `message`" (`len` bytes of UTF-8, not
@@ -570,7 +598,7 @@ plugbus_status plugbus_reply_cancel(struct plugbus_event *event);
 // text that is not UTF-8, or a message larger than the replies ring carries.
 //
 // # Safety
-// `event` is NULL or a pointer passed to `on_event`; `message` is NULL or points to `len`
+// `event` is any value (checked, never read through); `message` is NULL or points to `len`
 // readable bytes (when `len` is within the ring's limit).
 plugbus_status plugbus_reply_set_chat_message(struct plugbus_event *event,
                                               const char *message,

@@ -30,8 +30,9 @@ typedef struct {
 	void *p;
 } gopb_res;
 
-// Handles and the scratch pointer cross from Go as uintptr_t: they are C memory, and a plain
-// integer needs no cgo pointer check (which allocates on the Go side).
+// Handles and the scratch pointer cross from Go as uintptr_t: a handle is an opaque C value (a
+// typed token, not an address) and the scratch is C memory, and a plain integer needs no cgo
+// pointer check (which allocates on the Go side).
 #define HOST ((plugbus_host *)hu)
 #define SC ((gopb_scratch *)scu)
 
@@ -353,7 +354,7 @@ func goStr(s C.plugbus_str) string {
 // The goroutine may move between OS threads between calls; error messages are read in the same
 // C call as the failure, so they are never another thread's. Close it with Close.
 type Host struct {
-	hu     C.uintptr_t     // the plugbus_host handle (C memory), as an integer
+	hu     C.uintptr_t     // the plugbus_host handle (an opaque C value), as an integer
 	sc     *C.gopb_scratch // out-parameters, C memory freed by Close
 	scu    C.uintptr_t     // sc as an integer, for the calls
 	busy   int32           // 1 while a call runs (atomic)
@@ -789,7 +790,7 @@ func (h *Host) PluginReady(id string) (bool, error) {
 
 // Close shuts the host down: plugins get the shutdown reason, launched ones are stopped after
 // the grace period. Later calls return an *Error with Code ErrClosed; so does a second Close
-// (from the C library, which keeps a closed handle recognizable).
+// (from the C library, which recognizes a closed handle as stale).
 func (h *Host) Close(reason string) error {
 	if h == nil {
 		return &Error{Code: ErrNullPointer, Message: "nil *Host"}

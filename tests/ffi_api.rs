@@ -1136,3 +1136,209 @@ fn host_death_is_reported_by_poll() {
     let _ = plugbus::segment::Segment::unlink(&segment);
     let _ = std::fs::remove_file(&report);
 }
+
+// ------------------------------------------------------------------------------------------
+// Typed handles: wrong kinds, stale handles, made-up pointers
+// ------------------------------------------------------------------------------------------
+
+/// What `kinds_on_event` saw: (what, status, last error) of each call made with a wrong handle.
+struct Kinds {
+    plugin: *mut plugbus_plugin,
+    host: *mut plugbus_host,
+    event: *mut plugbus_event,
+    calls: Vec<(&'static str, plugbus_status, String)>,
+}
+
+unsafe extern "C" fn kinds_on_event(user: *mut c_void, ev: *mut plugbus_event) {
+    // SAFETY: `user` is the `Kinds` the test passed, not otherwise borrowed during the poll.
+    let k = unsafe { &mut *user.cast::<Kinds>() };
+    k.event = ev;
+    let mut record = |what, rc| k.calls.push((what, rc, last_error()));
+    let mut ty = 0;
+    let mut s = plugbus_str::default();
+    // SAFETY: deliberately wrong handles (never read through); valid out pointers.
+    unsafe {
+        record(
+            "event as plugin: send_chat",
+            plugbus_send_chat(ev.cast(), null(), 0, c"x".as_ptr(), 1),
+        );
+        record("event as plugin: subscribe", plugbus_subscribe(ev.cast(), null(), 0));
+        record("event as plugin: close", plugbus_close(ev.cast()));
+        record("event as host: end_tick", plugbus_host_end_tick(ev.cast()));
+        record("plugin as event: type", plugbus_event_type(k.plugin.cast(), &mut ty));
+        record("plugin as event: cancel", plugbus_reply_cancel(k.plugin.cast()));
+        record("host as event: id", plugbus_event_id(k.host.cast(), &mut s));
+        record("host as plugin: send_raw", plugbus_send_raw(k.host.cast(), null(), 0));
+        // Another thread may not use the handle while this one is inside plugbus_poll.
+        let p = SendPtr(k.plugin);
+        let (rc, err) = std::thread::spawn(move || {
+            let p = p;
+            (plugbus_set_wait(p.0, PLUGBUS_WAIT_PARK), last_error())
+        })
+        .join()
+        .unwrap();
+        k.calls.push(("another thread: set_wait", rc, err));
+        // The real event still works, and is the one answered.
+        assert_eq!(plugbus_event_type(ev, &mut ty), PLUGBUS_OK, "{}", last_error());
+        assert_eq!(ty, PLUGBUS_EVENT_CHAT);
+        assert_eq!(plugbus_reply_cancel(ev), PLUGBUS_OK, "{}", last_error());
+    }
+}
+
+#[test]
+fn handles_of_another_kind_stale_or_made_up_are_refused() {
+    let mut config = HostConfig::new(vec![PluginConfig::attached("kinds")]);
+    config.host.response_timeout_ms = 30_000;
+    config.host.shutdown_grace_ms = 100;
+    let mut host = Host::start(config).expect("host starts");
+    let segment =
+        std::ffi::CString::new(host.address_of("kinds").expect("segment").trim_start_matches("shm:")).unwrap();
+    let p = open(&segment, c"kinds");
+    let toml = "[host]\nresponse_timeout_ms = 100\n";
+    let mut h = null_mut();
+    // SAFETY (the calls below): valid pointers, or deliberately wrong handles (never read through).
+    unsafe {
+        expect(
+            plugbus_host_start(toml.as_ptr().cast(), toml.len(), &mut h),
+            PLUGBUS_OK,
+            "",
+        );
+        let types = [PLUGBUS_EVENT_CHAT];
+        expect(plugbus_subscribe(p, types.as_ptr(), 1), PLUGBUS_OK, "");
+        // Before any event: a host as a plugin and the reverse; made-up pointers; NULL.
+        expect(
+            plugbus_connect(h.cast()),
+            PLUGBUS_ERR_CLOSED,
+            "not a plugbus plugin handle: this is a plugbus host handle",
+        );
+        expect(
+            plugbus_host_begin_tick(p.cast(), null_mut()),
+            PLUGBUS_ERR_CLOSED,
+            "not a plugbus host handle: this is a plugbus plugin handle",
+        );
+        let mut memory = [0u64; 8];
+        let made_up: [usize; 4] = [memory.as_mut_ptr() as usize, 0x1234, usize::MAX, 0x5001_ffff_ffff_fff0];
+        for m in made_up {
+            let what = format!("{m:#x}");
+            let rc = plugbus_set_wait(std::ptr::without_provenance_mut(m), PLUGBUS_WAIT_PARK);
+            assert_eq!(rc, PLUGBUS_ERR_CLOSED, "{what}: {}", last_error());
+            assert!(last_error().contains("plugin handle"), "{what}: {}", last_error());
+            let rc = plugbus_reply_ack(std::ptr::without_provenance_mut(m));
+            assert_eq!(rc, PLUGBUS_ERR_CLOSED, "{what}: {}", last_error());
+            assert!(last_error().contains("event handle"), "{what}: {}", last_error());
+            let rc = plugbus_host_end_tick(std::ptr::without_provenance_mut(m));
+            assert_eq!(rc, PLUGBUS_ERR_CLOSED, "{what}: {}", last_error());
+            assert!(last_error().contains("host handle"), "{what}: {}", last_error());
+        }
+        assert_eq!(memory, [0; 8], "nothing written through a made-up pointer");
+        expect(
+            plugbus_reply_ack(null_mut()),
+            PLUGBUS_ERR_NULL_POINTER,
+            "event handle is NULL",
+        );
+    }
+
+    let handle = SendPtr(p);
+    let connecting = std::thread::spawn(move || {
+        let h = handle;
+        // SAFETY: live handle, used only by this thread until it is joined.
+        (unsafe { plugbus_connect(h.0) }, last_error())
+    });
+    assert!(host.wait_ready(Duration::from_secs(20)), "the plugin connects");
+    let (rc, err) = connecting.join().unwrap();
+    assert_eq!(rc, PLUGBUS_OK, "{err}");
+
+    let mut kinds = Kinds {
+        plugin: p,
+        host: h,
+        event: null_mut(),
+        calls: Vec::new(),
+    };
+    let cb = plugbus_callbacks {
+        user: (&raw mut kinds).cast(),
+        on_moves: None,
+        on_event: Some(kinds_on_event),
+        on_action_result: None,
+    };
+    let mut probe = EventEnvelope {
+        expects_response: true,
+        payload: Some(Payload::Chat(ChatEvent {
+            player_uuid: "u1".into(),
+            name: "n".into(),
+            message: "probe".into(),
+        })),
+        ..Default::default()
+    };
+    let pending = host.dispatch(&mut probe);
+    host.begin_tick().end();
+    let o = settle(&mut host, p, &cb, pending);
+    assert!(o.cancelled, "the callback ran its checks and cancelled: {o:?}");
+    let want = [
+        ("event as plugin: send_chat", "this is a plugbus event handle"),
+        ("event as plugin: subscribe", "this is a plugbus event handle"),
+        ("event as plugin: close", "this is a plugbus event handle"),
+        (
+            "event as host: end_tick",
+            "not a plugbus host handle: this is a plugbus event handle",
+        ),
+        (
+            "plugin as event: type",
+            "not a plugbus event handle: this is a plugbus plugin handle",
+        ),
+        ("plugin as event: cancel", "this is a plugbus plugin handle"),
+        ("host as event: id", "this is a plugbus host handle"),
+        ("host as plugin: send_raw", "this is a plugbus host handle"),
+    ];
+    assert_eq!(kinds.calls.len(), want.len() + 1, "{:?}", kinds.calls);
+    for ((what, rc, err), (want_what, needle)) in kinds.calls.iter().zip(want) {
+        assert_eq!(*what, want_what);
+        assert_eq!(*rc, PLUGBUS_ERR_CLOSED, "{what}: {err}");
+        assert!(err.contains(needle), "{what}: {err:?} should mention {needle:?}");
+    }
+    let (what, rc, err) = &kinds.calls[want.len()];
+    assert_eq!(*rc, PLUGBUS_ERR_BAD_STATE, "{what}: {err}");
+    assert!(err.contains("another thread is using this plugin handle"), "{err}");
+
+    let ev = kinds.event;
+    let mut ty = 0;
+    // SAFETY (the calls below): handles that are live, past their use, or closed (never read
+    // through); valid out pointers.
+    unsafe {
+        // Past its callback, the event is refused; once the host shut down, the host is stale.
+        expect(
+            plugbus_event_type(ev, &mut ty),
+            PLUGBUS_ERR_BAD_STATE,
+            "only during its on_event",
+        );
+        expect(plugbus_host_shutdown(h, null(), 0), PLUGBUS_OK, "");
+        expect(
+            plugbus_host_begin_tick(h, null_mut()),
+            PLUGBUS_ERR_CLOSED,
+            "stale host handle",
+        );
+        expect(
+            plugbus_host_shutdown(h, null(), 0),
+            PLUGBUS_ERR_CLOSED,
+            "stale host handle",
+        );
+        // Closed: the plugin handle and its event are stale, also once newer handles reuse the
+        // slot; the newer handle works.
+        expect(plugbus_close(p), PLUGBUS_OK, "");
+        let newer = open(c"plugbus.nowhere", c"newer");
+        expect(
+            plugbus_set_wait(p, PLUGBUS_WAIT_PARK),
+            PLUGBUS_ERR_CLOSED,
+            "stale plugin handle",
+        );
+        expect(plugbus_close(p), PLUGBUS_ERR_CLOSED, "stale plugin handle");
+        expect(
+            plugbus_event_type(ev, &mut ty),
+            PLUGBUS_ERR_CLOSED,
+            "stale event handle",
+        );
+        expect(plugbus_reply_ack(ev), PLUGBUS_ERR_CLOSED, "stale event handle");
+        expect(plugbus_set_wait(newer, PLUGBUS_WAIT_PARK), PLUGBUS_OK, "");
+        expect(plugbus_close(newer), PLUGBUS_OK, "");
+    }
+    host.shutdown("test over");
+}

@@ -41,8 +41,8 @@ enum Link {
     Static,
 }
 
-/// Compiles `ffi/examples/<name>.c` into the test's temp dir; returns the executable.
-fn compile(name: &str, link: Link) -> PathBuf {
+/// Compiles `ffi/<dir>/<name>.c` into the test's temp dir; returns the executable.
+fn compile(dir: &str, name: &str, link: Link) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ffi-c");
     std::fs::create_dir_all(&out_dir).expect("create the output dir");
@@ -52,7 +52,7 @@ fn compile(name: &str, link: Link) -> PathBuf {
     gcc.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-g"])
         .arg("-I")
         .arg(root.join("ffi"))
-        .arg(root.join("ffi/examples").join(format!("{name}.c")))
+        .arg(root.join("ffi").join(dir).join(format!("{name}.c")))
         .arg("-o")
         .arg(&exe)
         .arg("-L")
@@ -64,7 +64,7 @@ fn compile(name: &str, link: Link) -> PathBuf {
     let out = gcc.output().expect("run gcc (is it installed?)");
     assert!(
         out.status.success(),
-        "gcc failed on ffi/examples/{name}.c:\n{}",
+        "gcc failed on ffi/{dir}/{name}.c:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     exe
@@ -76,8 +76,8 @@ fn examples() -> &'static (PathBuf, PathBuf) {
     static BUILT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     BUILT.get_or_init(|| {
         (
-            compile("chat_filter", Link::Dynamic),
-            compile("move_counter", Link::Static),
+            compile("examples", "chat_filter", Link::Dynamic),
+            compile("examples", "move_counter", Link::Static),
         )
     })
 }
@@ -529,4 +529,59 @@ fn c_chat_filter_answers_filterstats_from_a_replay_line() {
         "the stats, sent to the player who typed the command"
     );
     host.shutdown("test over");
+}
+
+// ------------------------------------------------------------------------------------------
+// Wrong, stale and made-up handles (ffi/tests/handle_kinds.c)
+// ------------------------------------------------------------------------------------------
+
+/// ffi/tests/handle_kinds.c, compiled once per test binary.
+fn handle_kinds() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| compile("tests", "handle_kinds", Link::Dynamic))
+}
+
+/// Lets the C plugin run its checks: a chat with "probe" until it answers (it cancels the chat
+/// once every check inside the callback passed), then a shutdown; its summary must count no
+/// failure.
+fn exercise_handle_kinds(mut host: Host, id: &str, summary: &Path, stall: Duration) {
+    let o = dispatch(&mut host, chat("p1", "probe"), stall);
+    assert_eq!(o.answered, [id], "{o:?}");
+    assert!(
+        o.cancelled,
+        "the plugin cancels the probe only when its checks passed: {o:?}\n{}",
+        log_text()
+    );
+    // A few more ticks: the plugin checks the saved event and the shut-down host after its poll.
+    wait_log_line(Some(&mut host), &[id, "handle_kinds probed"], stall);
+    host.shutdown("test over");
+    let line = wait_log_line(None, &[id, "handle_kinds stopping"], stall);
+    assert!(line.contains(", 0 failures"), "{line}\n{}", log_text());
+    assert_exited_cleanly(id, stall);
+    let s = read_summary(summary);
+    assert!(
+        s.starts_with("end=shutdown checks=") && s.trim_end().ends_with(" failures=0"),
+        "{s}\n{}",
+        log_text()
+    );
+}
+
+#[test]
+fn c_wrong_stale_and_made_up_handles_are_errors() {
+    init_logging();
+    let summary = summary_file("handle_kinds.summary");
+    let plugin = plugin_env(PluginConfig::launch("c_kinds", handle_kinds()), &summary);
+    let host = Host::start(host_config(plugin, STALL)).expect("the host starts handle_kinds");
+    exercise_handle_kinds(host, "c_kinds", &summary, STALL);
+}
+
+#[test]
+fn c_wrong_stale_and_made_up_handles_under_valgrind_are_clean() {
+    init_logging();
+    let summary = summary_file("handle_kinds.vg.summary");
+    let report = summary_file("handle_kinds.vg.log");
+    let plugin = plugin_env(under_valgrind("vg_kinds", handle_kinds(), &report), &summary);
+    let host = Host::start(host_config(plugin, VALGRIND_STALL)).expect("the host starts handle_kinds under valgrind");
+    exercise_handle_kinds(host, "vg_kinds", &summary, VALGRIND_STALL);
+    common::assert_memcheck_clean(&report);
 }

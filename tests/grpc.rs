@@ -28,7 +28,12 @@ fn socket(name: &str) -> PathBuf {
 }
 
 fn host_with(plugins: Vec<PluginConfig>, listen: &str) -> Host {
+    host_with_config(plugins, listen, |_| {})
+}
+
+fn host_with_config(plugins: Vec<PluginConfig>, listen: &str, edit: impl FnOnce(&mut HostConfig)) -> Host {
     let mut cfg = HostConfig::new(plugins);
+    edit(&mut cfg);
     cfg.host.listen = vec![listen.to_owned()];
     cfg.host.hello_timeout_ms = STALL.as_millis() as u64;
     cfg.host.response_timeout_ms = STALL.as_millis() as u64;
@@ -723,13 +728,21 @@ async fn flooder(path: PathBuf, sent: Arc<plugbus::sync::AtomicU64>, stop: Arc<p
 /// A remote plugin that sends actions as fast as it can while the game ticks at 20 tps: gRPC flow
 /// control holds it back once the host's queue for it holds its budget, so the host's memory
 /// stays bounded, and a well-behaved plugin beside it answers every tick on time.
+///
+/// The game takes its actions every tick, and the per-plugin bound on held actions is raised
+/// here, so that what holds the flood back is the adapter's byte budget and the per-poll
+/// budgets, not a disconnection (that one is `tests/hostile.rs`'s).
 #[test]
 fn a_flooding_plugin_is_held_back_and_the_others_go_on() {
     use plugbus::sync::{AtomicBool, AtomicU64, Ordering};
     let sock = socket("flood");
-    let mut host = host_with(
+    let mut host = host_with_config(
         vec![grpc_attached("flood"), grpc_attached("calm")],
         &format!("unix://{}", sock.display()),
+        |c| {
+            c.host.max_queued_actions = 1 << 20;
+            c.host.max_queued_bytes = 1 << 30;
+        },
     );
     let (calm, _seen, _hold) = spawn_plugin(format!("unix://{}", sock.display()), "calm");
     wait_until(&mut host, "the calm plugin", |h| {

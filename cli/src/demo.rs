@@ -110,6 +110,9 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
         kill_one_at: None,
         record: args.record.clone(),
         transport: "shm".into(),
+        chaos: None,
+        lean: false,
+        sample_resources: false,
     };
     println!(
         "plugbus demo: {} players at {} ticks/s for {} s, plugins chat_filter and move_counter ({})",

@@ -11,8 +11,10 @@ use plugbus::proto::EventType;
 use plugbus::segment::monotonic_ns;
 use serde::Serialize;
 
+use crate::chaos::{Chaos, ChaosReport, ChaosSpec};
 use crate::load_plugin::PluginReport;
 use crate::sim::{TickOutput, World, is_critical};
+use crate::soak::{ResourceSample, Sampler};
 use crate::{alloc_count, stopping};
 
 /// What to run.
@@ -37,6 +39,13 @@ pub struct LoadSpec {
     pub record: Option<std::path::PathBuf>,
     /// `shm` (default) or `grpc` (over a Unix socket).
     pub transport: String,
+    /// Kill, stop and restart random plugins during the load (`--chaos`).
+    pub chaos: Option<ChaosSpec>,
+    /// Keep no per-tick or per-event timestamps (no latency figures but the tick's and the
+    /// reply's): a long run's host memory then holds only what plugbus holds (the soak).
+    pub lean: bool,
+    /// Sample the host process's RSS and open fds every second (the soak).
+    pub sample_resources: bool,
 }
 
 /// Percentiles of a latency histogram.
@@ -116,6 +125,17 @@ pub struct LoadReport {
     /// Futex wake-ups the host sent to sleeping plugins (whole run, summed over plugins): the
     /// part of the tick's cost that a plugin's wait strategy decides.
     pub doorbell_wakeups: u64,
+    /// With `--chaos`: what chaos did, and the critical events lost by surviving plugins.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chaos: Option<ChaosReport>,
+    /// Segments this process left in /dev/shm once its host was dropped (should be 0; null if
+    /// not looked at).
+    pub segments_left: Option<u64>,
+    /// memfds this process still held once its host was dropped (should be 0).
+    pub memfds_left: Option<u64>,
+    /// Host process RSS and fds, one sample a second (the soak).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub resource_samples: Vec<ResourceSample>,
     /// Raw samples for plots (not serialized).
     #[serde(skip)]
     pub samples: Samples,
@@ -215,6 +235,11 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     config.host.hello_timeout_ms = 10_000;
     config.host.shutdown_grace_ms = 10_000;
     config.host.record.clone_from(&spec.record);
+    if spec.chaos.is_some() {
+        // Chaos restarts plugins far more often than the default policy (3 a minute) allows.
+        config.host.restart_max = u32::MAX;
+    }
+    let heartbeat_timeout_ms = config.host.heartbeat_timeout_ms;
     if spec.transport == "grpc" {
         config.host.listen = vec![format!("unix://{}", dir.join("host.sock").display())];
     }
@@ -300,6 +325,14 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
         None => None,
     };
     let mut killed_at: Option<Instant> = None;
+    let mut chaos = spec.chaos.as_ref().map(|c| {
+        // From the end of warm-up to 1.5 s before the end, so every plugin is back by then.
+        let window = (spec.warmup_s, (spec.seconds - 1.5).max(spec.warmup_s));
+        Chaos::start(c.clone(), ids.clone(), run_started, window, heartbeat_timeout_ms)
+    });
+    let sampler = spec
+        .sample_resources
+        .then(|| Sampler::start(run_started, Duration::from_secs(1)));
     for t in 0..total_ticks {
         if stopping() {
             break;
@@ -312,6 +345,13 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
         world.step(&mut out);
         let moves: &[MoveRecord] = &out.moves;
         let n_events = (moves.len() + out.events.len() + out.requests.len()) as u64;
+        if let Some(c) = &mut chaos {
+            c.before_tick(&mut host, t as usize);
+            // The host gives an id only to an event it routes: an empty one was routed nowhere.
+            for env in out.events.iter_mut().chain(out.requests.iter_mut()) {
+                env.event_id.clear();
+            }
+        }
         let allocs_before = alloc_count();
         let started = Instant::now();
         let mut tick = host.begin_tick();
@@ -320,7 +360,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
         for env in &mut out.events {
             let at = monotonic_ns();
             tick.publish(env);
-            if is_critical(env.r#type) {
+            if !spec.lean && is_critical(env.r#type) {
                 if let Ok(id) = env.event_id.parse::<u64>() {
                     event_pub.insert(id, at);
                 }
@@ -329,18 +369,27 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
         for env in &mut out.requests {
             let at = monotonic_ns();
             let p = tick.dispatch(env);
-            event_pub.insert(p.event_id(), at);
+            if !spec.lean {
+                event_pub.insert(p.event_id(), at);
+            }
             pendings.push(p);
         }
         let published = monotonic_ns();
         tick.end();
         let cost = started.elapsed();
         let allocs = alloc_count() - allocs_before;
-        tick_pub.push((tick_no, published));
-        for (i, id) in ids.iter().enumerate() {
-            if let Some((t, at)) = host.last_moves_published(id) {
-                if t == tick_no {
-                    frame_pub[i].insert(t, at);
+        if let Some(c) = &mut chaos {
+            for env in out.events.iter().filter(|e| is_critical(e.r#type)).chain(&out.requests) {
+                c.published(t as usize, &env.event_id);
+            }
+        }
+        if !spec.lean {
+            tick_pub.push((tick_no, published));
+            for (i, id) in ids.iter().enumerate() {
+                if let Some((t, at)) = host.last_moves_published(id) {
+                    if t == tick_no {
+                        frame_pub[i].insert(t, at);
+                    }
                 }
             }
         }
@@ -367,7 +416,10 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
                 report.replies_late += o.late.len() as u64;
             }
         }
+        // The game takes what plugins sent (a host holds only so much per plugin); log lines
+        // already went to the log.
         for _ in host.drain_actions() {}
+        for _ in host.drain_logs() {}
         if killed_at.is_none() && killer.as_ref().is_some_and(std::thread::JoinHandle::is_finished) {
             killed_at = Some(
                 killer
@@ -389,6 +441,9 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
             }
             if let plugbus::host::Notice::Disconnected { .. } = n {
                 report.disconnects += 1;
+            }
+            if let Some(c) = &mut chaos {
+                c.notice(&n);
             }
         }
         world.recycle(&mut out);
@@ -427,6 +482,13 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
             }
             next += tick_len;
         }
+    }
+    if let Some(s) = sampler {
+        report.resource_samples = s.finish();
+    }
+    if let Some(c) = &mut chaos {
+        // Every stopped plugin is continued before the shutdown.
+        c.stop();
     }
     let measured = steady_started.elapsed().as_secs_f64().max(1e-9);
     let hz = clock_ticks_per_s();
@@ -471,9 +533,16 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
         let tick_times: HashMap<u64, u64> = tick_pub.iter().copied().collect();
         let first_steady_tick = tick_pub.get(warmup_ticks as usize).map_or(u64::MAX, |t| t.0);
         let mut delivered_moves = 0;
+        let mut seen_by_plugin = Vec::new();
         for (i, id) in ids.iter().enumerate() {
             let path = dir.join(format!("{id}.json"));
-            let r = PluginReport::read(&path).map_err(|e| format!("plugin {id}: {e}"))?;
+            let r = match PluginReport::read(&path) {
+                Ok(r) => r,
+                // Under chaos, the last incarnation may not have had the time to write it:
+                // its critical log below is what the accounting needs.
+                Err(_) if chaos.is_some() => PluginReport::default(),
+                Err(e) => return Err(format!("plugin {id}: {e}")),
+            };
             delivered_moves += r.moves;
             for (ty, n) in &r.counts {
                 let name = EventType::try_from(*ty).map_or("UNKNOWN", |e| e.as_str_name());
@@ -514,6 +583,11 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
             report.critical_lost += lost;
             let _ = std::fs::remove_file(&path);
             let _ = std::fs::remove_file(&log_path);
+            seen_by_plugin.push(seen);
+        }
+        if let Some(c) = chaos.take() {
+            let restarts = metrics.plugins.values().map(|p| p.restarts).sum();
+            report.chaos = Some(c.report(&seen_by_plugin, restarts));
         }
         report.events_delivered += delivered_moves;
         report
@@ -633,10 +707,45 @@ pub fn print(r: &LoadReport) {
             .collect::<Vec<_>>()
     );
     println!("  disconnects               {}", r.disconnects);
+    if let Some(c) = &r.chaos {
+        print_chaos(c);
+    }
+    if let (Some(seg), Some(mfd)) = (r.segments_left, r.memfds_left) {
+        println!("  left after shutdown       {seg} segment(s) in /dev/shm, {mfd} memfd(s) open");
+    }
     for (ty, n) in &r.events_offered_by_type {
         println!(
             "    {ty:<28} offered {n:>10}  delivered {:>10}",
             r.events_delivered_by_type.get(ty).copied().unwrap_or(0)
         );
     }
+}
+
+fn print_chaos(c: &ChaosReport) {
+    println!(
+        "  chaos                     seed {}, every ~{} ms, stops {}..{} ms: {:?}",
+        c.seed, c.every_ms, c.stop_ms_min, c.stop_ms_max, c.actions_by_kind
+    );
+    for a in &c.actions {
+        println!(
+            "    {:>8.3} s  {:<10} pid {:<8} {:?}{}",
+            a.at_s,
+            a.plugin,
+            a.pid,
+            a.kind,
+            a.stopped_ms.map_or(String::new(), |ms| format!(" {ms} ms"))
+        );
+    }
+    println!(
+        "  restarts                  {} ({} disabled, {} disconnects not caused by chaos)",
+        c.restarts, c.disabled, c.unexplained_disconnects
+    );
+    println!(
+        "  critical lost by survivors {} {:?}",
+        c.critical_lost_by_survivors, c.critical_lost_by_survivors_by_plugin
+    );
+    println!(
+        "  critical lost with downed {}   offered while down {}",
+        c.critical_lost_with_downed, c.critical_offered_while_down
+    );
 }

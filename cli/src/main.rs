@@ -1,6 +1,7 @@
 //! The `plugbus` command: the demo (default), the load test, the side-by-side comparison,
 //! inspection and cleanup of segments. See `plugbus --help`.
 
+mod chaos;
 mod compare;
 mod demo;
 mod inspect;
@@ -10,6 +11,7 @@ mod metrics_http;
 mod plot;
 mod replay;
 mod sim;
+mod soak;
 mod wire;
 
 // The example plugins, compiled into this binary so that `plugbus demo` can launch them
@@ -125,6 +127,10 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// The simulated server at scale against load plugins; reports delivery, latency, cost.
     Loadtest(LoadArgs),
+    /// The load test for a long time (1,000 players x 20 tps x 4 plugins, 10 minutes), sampling
+    /// the host's RSS and open fds every second; fails if RSS grew 5 % or more after warm-up,
+    /// fds grew, a critical event was lost or a segment or memfd was left behind.
+    Soak(SoakArgs),
     /// The same workload over plugbus and over the old design's transport, side by side.
     Compare(CompareArgs),
     /// Feeds a plugin (or several) recorded or hand-written moves and events, and writes what
@@ -189,6 +195,49 @@ struct LoadArgs {
     /// How the plugins connect: `shm` (shared memory) or `grpc` (df.plugin over a Unix socket).
     #[arg(long, default_value = "shm", value_parser = ["shm", "grpc"])]
     transport: String,
+    /// Chaos: at random intervals (see --chaos-every), a random ready plugin is killed with
+    /// SIGKILL, stopped with SIGSTOP for 50..400 ms (kept below the heartbeat timeout) then
+    /// continued, or killed by the host (`Host::kill_plugin`); each is restarted. Reports the
+    /// actions, restarts, and critical events lost by surviving plugins (must be 0).
+    #[arg(long)]
+    chaos: bool,
+    /// Mean time between chaos actions, ms (each gap uniform in 0.5x..1.5x).
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    chaos_every: u64,
+    /// Seed of the simulated world and of chaos (same seed, same choices).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct SoakArgs {
+    /// Simulated players.
+    #[arg(long, default_value_t = 1000)]
+    players: usize,
+    /// Ticks per second.
+    #[arg(long, default_value_t = 20)]
+    tps: u32,
+    /// Plugin processes.
+    #[arg(long, default_value_t = 4)]
+    plugins: usize,
+    /// Duration in seconds, warm-up included.
+    #[arg(long, default_value_t = 600.0)]
+    seconds: f64,
+    /// Warm-up, seconds: RSS and fds are compared with their values at its end.
+    #[arg(long, default_value_t = 30.0)]
+    warmup: f64,
+    /// RSS growth after warm-up (end vs end of warm-up), percent, at or above which the soak fails.
+    #[arg(long, default_value_t = 5.0)]
+    max_growth: f64,
+    /// Plugin wait strategy: spin, park, spin-then-park, paced.
+    #[arg(long, default_value = "spin-then-park")]
+    wait: String,
+    /// Seed of the simulated world.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Write the summary, the load report and the samples as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -248,6 +297,10 @@ fn main() {
         Some(Cmd::Loadtest(args)) => {
             init_logging("warn");
             loadtest_cmd(&args)
+        }
+        Some(Cmd::Soak(args)) => {
+            init_logging("warn");
+            soak_cmd(&args)
         }
         Some(Cmd::Compare(args)) => {
             init_logging("warn");
@@ -337,15 +390,26 @@ fn loadtest_cmd(a: &LoadArgs) -> Result<(), String> {
             .collect(),
         reports: true,
         metrics,
-        seed: 42,
+        seed: a.seed,
         busy_pacing: a.busy_pacing,
         kill_one_at: a.kill_one_at,
         record: a.record.clone(),
         transport: a.transport.clone(),
+        chaos: a.chaos.then(|| chaos::ChaosSpec {
+            seed: a.seed,
+            every_ms: a.chaos_every.max(1),
+            stop_ms: (50, 400),
+        }),
+        lean: false,
+        sample_resources: false,
     };
     let pb = demo::progress_bar(spec.seconds, spec.tps);
-    let (mut report, _host) = loadtest::run(&spec, |p| demo::show_progress(&pb, p))?;
+    let (mut report, host) = loadtest::run(&spec, |p| demo::show_progress(&pb, p))?;
     pb.finish_and_clear();
+    drop(host);
+    let leaks = soak::leaks();
+    report.segments_left = Some(leaks.segments_left.len() as u64);
+    report.memfds_left = Some(leaks.memfds_left);
     report.wait = format!("{wait:?}");
     loadtest::print(&report);
     if let Some(path) = &a.json {
@@ -358,4 +422,80 @@ fn loadtest_cmd(a: &LoadArgs) -> Result<(), String> {
         println!("  plot                      {}", path.display());
     }
     Ok(())
+}
+
+fn soak_cmd(a: &SoakArgs) -> Result<(), String> {
+    let wait: WaitStrategy = a.wait.parse()?;
+    if a.plugins == 0
+        || a.tps == 0
+        || a.seconds.is_nan()
+        || a.seconds <= a.warmup + 1.0
+        || a.warmup.is_nan()
+        || a.warmup < 0.0
+    {
+        return Err("--tps and --plugins must be positive, and --seconds more than --warmup + 1".into());
+    }
+    on_ctrl_c();
+    let exe = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .display()
+        .to_string();
+    let spec = loadtest::LoadSpec {
+        players: a.players,
+        tps: a.tps,
+        seconds: a.seconds,
+        warmup_s: a.warmup,
+        pin: false,
+        plugins: (0..a.plugins)
+            .map(|_| {
+                (
+                    exe.clone(),
+                    vec!["plugin".into(), "load".into(), "--wait".into(), a.wait.clone()],
+                )
+            })
+            .collect(),
+        reports: true,
+        metrics: None,
+        seed: a.seed,
+        busy_pacing: false,
+        kill_one_at: None,
+        record: None,
+        transport: "shm".into(),
+        chaos: None,
+        lean: true,
+        sample_resources: true,
+    };
+    let pb = demo::progress_bar(spec.seconds, spec.tps);
+    let (mut report, host) = loadtest::run(&spec, |p| demo::show_progress(&pb, p))?;
+    pb.finish_and_clear();
+    drop(host);
+    let leaks = soak::leaks();
+    report.segments_left = Some(leaks.segments_left.len() as u64);
+    report.memfds_left = Some(leaks.memfds_left);
+    report.wait = format!("{wait:?}");
+    let mut summary = soak::summarize(&report.resource_samples, a.warmup, a.max_growth);
+    if report.critical_lost > 0 {
+        summary
+            .failures
+            .push(format!("{} critical events lost", report.critical_lost));
+    }
+    if !leaks.segments_left.is_empty() || leaks.memfds_left > 0 {
+        summary.failures.push(format!(
+            "left behind: segments {:?}, {} memfd(s)",
+            leaks.segments_left, leaks.memfds_left
+        ));
+    }
+    loadtest::print(&report);
+    soak::print(&summary);
+    if let Some(path) = &a.json {
+        let json = serde_json::to_string_pretty(&serde_json::json!({ "soak": summary, "load": report }))
+            .map_err(|e| e.to_string())?;
+        std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("  json                      {}", path.display());
+    }
+    if summary.failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("soak failed: {}", summary.failures.join("; ")))
+    }
 }

@@ -6,11 +6,14 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 
-use super::event::{EventFrame, plugbus_event};
+use std::sync::Arc;
+
+use super::event::{EventFrame, lend_event};
+use super::handles::{Claim, Exclusive, Kind, Registry, Token};
 use super::{
-    Error, PLUGBUS_ERR_CLOSED, PLUGBUS_ERR_HOST_DIED, PLUGBUS_OK, PLUGBUS_SHUTDOWN, PLUGBUS_WAIT_PACED,
-    PLUGBUS_WAIT_PARK, PLUGBUS_WAIT_SPIN, PLUGBUS_WAIT_SPIN_THEN_PARK, arg_bytes, arg_cstr, arg_str, closed_error,
-    guard, is_known, plugbus_callbacks, plugbus_status, plugbus_str, register,
+    Error, PLUGBUS_ERR_HOST_DIED, PLUGBUS_OK, PLUGBUS_SHUTDOWN, PLUGBUS_WAIT_PACED, PLUGBUS_WAIT_PARK,
+    PLUGBUS_WAIT_SPIN, PLUGBUS_WAIT_SPIN_THEN_PARK, arg_bytes, arg_cstr, arg_str, closed_error, guard,
+    plugbus_callbacks, plugbus_status, plugbus_str,
 };
 use crate::fastpath::{MoveFrameHeader, MoveRecord};
 use crate::plugin::{Context, Handler, IdleStep, Plugin, PluginBuilder, Reply, WaitStrategy};
@@ -27,22 +30,34 @@ const HEALTH_EVERY: Duration = Duration::from_millis(100);
 /// How long `plugbus_poll` keeps handling items before it returns, so one call is bounded.
 const MAX_ITEMS_PER_POLL: usize = 4096;
 
-/// A plugin connection, opaque to C. Created by `plugbus_open_env` or `plugbus_open`, closed by
-/// `plugbus_close`. Use it from one thread at a time.
+/// A plugin connection, opaque to C: a typed handle (a token checked against the registry of
+/// plugin handles, never an address read through). Created by `plugbus_open_env` or
+/// `plugbus_open`, closed by `plugbus_close`. Use it from one thread at a time (a call from a
+/// second thread while one is in a call is `PLUGBUS_ERR_BAD_STATE`).
 pub struct plugbus_plugin {
+    _opaque: [u8; 0],
+}
+
+/// The live plugin handles; a connection's event handle names the same slot.
+static PLUGINS: Registry<Exclusive<PluginHandle>> = Registry::new(Kind::Plugin);
+
+/// What a `plugbus_plugin` token stands for.
+pub(crate) struct PluginHandle {
     state: RefCell<State>,
     /// The handler's context while a callback runs (null otherwise): sends made from inside a
     /// callback go through it, since the plugin itself is borrowed by `plugbus_poll` then.
     ctx: Cell<*mut Context<'static>>,
-    /// The event object handed to `on_event` (reused; valid until `plugbus_close`).
-    pub(crate) event: plugbus_event,
     wait: Cell<WaitStrategy>,
     /// Largest encoded `PluginToHost` the link carries (0 before connect).
     pub(crate) max_message: Cell<usize>,
     boot_id: OnceCell<String>,
-    /// Closed: only a tombstone is left.
-    closed: Cell<bool>,
 }
+
+// SAFETY: the only field that is not `Send` by itself is `ctx`, a pointer to a callback's
+// context, non-null only while that callback runs on the thread that called `plugbus_poll`
+// (which holds the handle's claim through the callback, so no other thread can use the handle
+// then); between calls it is null. The connection state is `Send`.
+unsafe impl Send for PluginHandle {}
 
 enum State {
     Configuring(Box<PluginBuilder>),
@@ -73,27 +88,24 @@ impl Connected {
 
 /// Restores the handle's context pointer when a callback returns (or unwinds).
 struct CallbackScope<'h> {
-    h: &'h plugbus_plugin,
+    h: &'h PluginHandle,
 }
 
 impl Drop for CallbackScope<'_> {
     fn drop(&mut self) {
         self.h.ctx.set(std::ptr::null_mut());
-        self.h.event.frame.set(std::ptr::null_mut());
     }
 }
 
-impl plugbus_plugin {
-    fn new(builder: PluginBuilder) -> Box<Self> {
-        Box::new(Self {
+impl PluginHandle {
+    fn new(builder: PluginBuilder) -> Self {
+        Self {
             state: RefCell::new(State::Configuring(Box::new(builder))),
             ctx: Cell::new(std::ptr::null_mut()),
-            event: plugbus_event::default(),
             wait: Cell::new(WaitStrategy::default()),
             max_message: Cell::new(0),
             boot_id: OnceCell::new(),
-            closed: Cell::new(false),
-        })
+        }
     }
 
     /// Publishes `ctx` for the duration of a callback.
@@ -161,29 +173,16 @@ fn busy(what: &str) -> Error {
     ))
 }
 
-/// Checks a handle pointer against the registry of the handles opened.
-///
-/// # Safety
-/// `p` is NULL, or any pointer (it is dereferenced only if `plugbus_open*` returned it); the
-/// handle is not used by another thread during the call.
-pub(crate) unsafe fn handle<'a>(p: *const plugbus_plugin) -> Result<&'a plugbus_plugin, Error> {
-    if p.is_null() {
-        return Err(Error::null("the plugin handle"));
-    }
-    if !is_known(p as usize) {
-        return Err(Error::new(
-            PLUGBUS_ERR_CLOSED,
-            "not a plugbus handle (never returned by plugbus_open or plugbus_open_env)",
-        ));
-    }
-    // SAFETY: registered addresses come from `Box::into_raw` in `open`, and a handle's memory is
-    // never freed (`plugbus_close` leaves a tombstone), so `p` points to a valid
-    // `plugbus_plugin`. Only shared references to it are made (its mutable state is in cells).
-    let h = unsafe { &*p };
-    if h.closed.get() {
-        return Err(closed_error());
-    }
-    Ok(h)
+/// The live plugin handle `p` names, claimed for this thread: NULL, a made-up pointer, a handle
+/// of another kind and a closed handle are errors (nothing is read through `p`).
+pub(crate) fn handle(p: *const plugbus_plugin) -> Result<Claim<PluginHandle>, Error> {
+    let t = Token::decode(p, Kind::Plugin)?;
+    PLUGINS.get(t)?.claim("plugin handle")
+}
+
+/// Whether `t` (a plugin token, or its event's) names a live connection.
+pub(crate) fn is_live(t: Token) -> bool {
+    PLUGINS.is_live(t)
 }
 
 /// Queues a `PluginToHost` payload after checking its encoded size against the ring's largest
@@ -205,18 +204,15 @@ pub(crate) fn queue(ctx: &mut Context<'_>, max: usize, payload: plugin_to_host::
     Ok(())
 }
 
-/// Makes a handle and stores it in `*out`.
+/// Makes a handle and stores its token in `*out`.
 ///
 /// # Safety
 /// `out` is valid for a write of a pointer.
-unsafe fn open(builder: PluginBuilder, out: *mut *mut plugbus_plugin) {
-    let h = Box::into_raw(plugbus_plugin::new(builder));
-    register(h as usize);
-    // SAFETY: `h` is the valid pointer just made by `Box::into_raw`; this takes the address of
-    // its field without creating a reference.
-    register(unsafe { &raw const (*h).event } as usize);
+unsafe fn open(builder: PluginBuilder, out: *mut *mut plugbus_plugin) -> Result<(), Error> {
+    let t = PLUGINS.insert(Arc::new(Exclusive::new(PluginHandle::new(builder))))?;
     // SAFETY: valid for a write by this function's contract.
-    unsafe { out.write(h) };
+    unsafe { out.write(t.as_ptr()) };
+    Ok(())
 }
 
 /// Opens a handle from the environment a plugbus host sets for the processes it launches
@@ -237,7 +233,7 @@ pub unsafe extern "C" fn plugbus_open_env(out: *mut *mut plugbus_plugin) -> plug
         unsafe { out.write(std::ptr::null_mut()) };
         let builder = Plugin::from_env()?;
         // SAFETY: `out` is non-null and valid for a write (checked above, and by contract).
-        unsafe { open(builder, out) };
+        unsafe { open(builder, out)? };
         Ok(PLUGBUS_OK)
     })
 }
@@ -267,7 +263,7 @@ pub unsafe extern "C" fn plugbus_open(
             return Err(Error::invalid("address and plugin_id must not be empty"));
         }
         // SAFETY: `out` is non-null and valid for a write (checked above, and by contract).
-        unsafe { open(Plugin::builder(address, plugin_id), out) };
+        unsafe { open(Plugin::builder(address, plugin_id), out)? };
         Ok(PLUGBUS_OK)
     })
 }
@@ -276,7 +272,7 @@ pub unsafe extern "C" fn plugbus_open(
 /// `PLUGBUS_ERR_BAD_STATE` once connected.
 ///
 /// # Safety
-/// `p` is NULL or a handle from `plugbus_open*`; `name` and `version` are NULL or
+/// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `name` and `version` are NULL or
 /// NUL-terminated strings.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_hello(
@@ -285,8 +281,9 @@ pub unsafe extern "C" fn plugbus_hello(
     version: *const c_char,
 ) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on each pointer.
-        let (h, name, version) = unsafe { (handle(p)?, arg_cstr(name, "name")?, arg_cstr(version, "version")?) };
+        let h = handle(p)?;
+        // SAFETY: the caller's contract on each string.
+        let (name, version) = unsafe { (arg_cstr(name, "name")?, arg_cstr(version, "version")?) };
         h.configure("plugbus_hello", |b| b.name(name).version(version))
     })
 }
@@ -295,7 +292,7 @@ pub unsafe extern "C" fn plugbus_hello(
 /// `COMMAND` event. `description` may be NULL. `PLUGBUS_ERR_BAD_STATE` once connected.
 ///
 /// # Safety
-/// `p` is NULL or a handle from `plugbus_open*`; `name` and `description` are NULL or
+/// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `name` and `description` are NULL or
 /// NUL-terminated strings.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_register_command(
@@ -304,8 +301,9 @@ pub unsafe extern "C" fn plugbus_register_command(
     description: *const c_char,
 ) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on each pointer.
-        let (h, name) = unsafe { (handle(p)?, arg_cstr(name, "name")?) };
+        let h = handle(p)?;
+        // SAFETY: the caller's contract on `name`.
+        let name = unsafe { arg_cstr(name, "name")? };
         let description = if description.is_null() {
             ""
         } else {
@@ -333,13 +331,12 @@ pub unsafe extern "C" fn plugbus_register_command(
 /// inside a callback). `types` may be NULL when `n` is 0; `n` is at most 1024.
 ///
 /// # Safety
-/// `p` is NULL or a handle from `plugbus_open*`; if `n` is at most 1024, `types` is NULL or
+/// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); if `n` is at most 1024, `types` is NULL or
 /// points to `n` readable `int32_t`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_subscribe(p: *mut plugbus_plugin, types: *const i32, n: usize) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on `p`.
-        let h = unsafe { handle(p)? };
+        let h = handle(p)?;
         if n > MAX_SUBSCRIPTIONS {
             return Err(Error::invalid(format!(
                 "plugbus_subscribe: n = {n} exceeds {MAX_SUBSCRIPTIONS}"
@@ -386,12 +383,11 @@ pub unsafe extern "C" fn plugbus_subscribe(p: *mut plugbus_plugin, types: *const
 /// applies from the next wait.
 ///
 /// # Safety
-/// `p` is NULL or a handle from `plugbus_open*`.
+/// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_set_wait(p: *mut plugbus_plugin, strategy: i32) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on `p`.
-        let h = unsafe { handle(p)? };
+        let h = handle(p)?;
         let w = match strategy {
             PLUGBUS_WAIT_SPIN => WaitStrategy::Spin,
             PLUGBUS_WAIT_SPIN_THEN_PARK => WaitStrategy::default(),
@@ -408,12 +404,11 @@ pub unsafe extern "C" fn plugbus_set_wait(p: *mut plugbus_plugin, strategy: i32)
 /// `PLUGBUS_ERR_BAD_STATE` once connected.
 ///
 /// # Safety
-/// `p` is NULL or a handle from `plugbus_open*`.
+/// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_set_hello_timeout(p: *mut plugbus_plugin, timeout_ms: u32) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on `p`.
-        let h = unsafe { handle(p)? };
+        let h = handle(p)?;
         if timeout_ms == 0 || timeout_ms > 3_600_000 {
             return Err(Error::invalid(format!(
                 "hello timeout {timeout_ms} ms is outside 1..=3600000"
@@ -432,12 +427,11 @@ pub unsafe extern "C" fn plugbus_set_hello_timeout(p: *mut plugbus_plugin, timeo
 /// `PLUGBUS_ERR_HOST_DIED`, ... `PLUGBUS_ERR_BAD_STATE` if already connected.
 ///
 /// # Safety
-/// `p` is NULL or a handle from `plugbus_open*`.
+/// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_connect(p: *mut plugbus_plugin) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on `p`.
-        let h = unsafe { handle(p)? };
+        let h = handle(p)?;
         let mut st = h.state.try_borrow_mut().map_err(|_| busy("plugbus_connect"))?;
         let b = match &*st {
             State::Configuring(b) => b,
@@ -469,12 +463,11 @@ fn max_message(plugin: &mut Plugin) -> Result<usize, Error> {
 /// `PLUGBUS_ERR_BAD_STATE` before `plugbus_connect`.
 ///
 /// # Safety
-/// `p` is NULL or a handle from `plugbus_open*`; `out` is NULL or valid for a write.
+/// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `out` is NULL or valid for a write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_host_boot_id(p: *mut plugbus_plugin, out: *mut plugbus_str) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on `p`.
-        let h = unsafe { handle(p)? };
+        let h = handle(p)?;
         if out.is_null() {
             return Err(Error::null("out"));
         }
@@ -488,7 +481,9 @@ pub unsafe extern "C" fn plugbus_host_boot_id(p: *mut plugbus_plugin, out: *mut 
 /// The C callbacks as a Rust [`Handler`].
 struct Trampoline<'h> {
     cb: plugbus_callbacks,
-    h: &'h plugbus_plugin,
+    h: &'h PluginHandle,
+    /// The token passed to `on_event`: the connection's slot, as an event.
+    event: *mut super::plugbus_event,
 }
 
 impl Handler for Trampoline<'_> {
@@ -520,14 +515,12 @@ impl Handler for Trampoline<'_> {
             max_message: self.h.max_message.get(),
         };
         let scope = self.h.enter(ctx);
-        self.h
-            .event
-            .frame
-            .set(std::ptr::from_mut(&mut frame).cast::<EventFrame<'static>>());
-        // SAFETY: `f` is the caller's function with the declared signature; the event pointer is
-        // to the handle's event object, which lives until `plugbus_close` (not allowed during
-        // a callback). Its frame pointer is cleared by `scope` before `frame` goes out of scope.
-        unsafe { f(self.cb.user, std::ptr::from_ref(&self.h.event).cast_mut()) };
+        let lent = lend_event(self.event, &mut frame);
+        // SAFETY: `f` is the caller's function with the declared signature; the event is a
+        // token (never dereferenced), resolved by the accessors to `frame` through this
+        // thread's lent event, which `lent` withdraws before `frame` goes out of scope.
+        unsafe { f(self.cb.user, self.event) };
+        drop(lent);
         drop(scope);
         frame.reply
     }
@@ -555,7 +548,7 @@ impl Handler for Trampoline<'_> {
 /// Call it at least every 100 ms or so: the heartbeat the host watches is beaten here.
 ///
 /// # Safety
-/// `p` is NULL or a handle from `plugbus_open*`; `callbacks` is NULL or points to a
+/// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `callbacks` is NULL or points to a
 /// `plugbus_callbacks` whose non-NULL function pointers have the declared signatures and may be
 /// called with its `user` during this call.
 #[unsafe(no_mangle)]
@@ -565,8 +558,8 @@ pub unsafe extern "C" fn plugbus_poll(
     timeout_ms: i32,
 ) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on `p`.
-        let h = unsafe { handle(p)? };
+        let h = handle(p)?;
+        let event = Token::decode(p, Kind::Plugin)?.as_kind(Kind::Event).as_ptr();
         if callbacks.is_null() {
             return Err(Error::null("callbacks"));
         }
@@ -584,7 +577,7 @@ pub unsafe extern "C" fn plugbus_poll(
         if c.shutdown.is_some() {
             return Ok(PLUGBUS_SHUTDOWN);
         }
-        let r = poll(c, &mut Trampoline { cb, h }, h.wait.get(), timeout_ms);
+        let r = poll(c, &mut Trampoline { cb, h: &h, event }, h.wait.get(), timeout_ms);
         if let Err(e) = &r {
             c.failed = Some(e.clone());
         }
@@ -657,12 +650,11 @@ fn poll(
 /// `plugbus_close`. `PLUGBUS_ERR_BAD_STATE` if it has not.
 ///
 /// # Safety
-/// `p` is NULL or a handle from `plugbus_open*`; `reason` is NULL or valid for a write.
+/// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `reason` is NULL or valid for a write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_shutdown_reason(p: *mut plugbus_plugin, reason: *mut plugbus_str) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on `p`.
-        let h = unsafe { handle(p)? };
+        let h = handle(p)?;
         if reason.is_null() {
             return Err(Error::null("reason"));
         }
@@ -687,7 +679,7 @@ pub unsafe extern "C" fn plugbus_shutdown_reason(p: *mut plugbus_plugin, reason:
 /// `PLUGBUS_ERR_INVALID_ARGUMENT`.
 ///
 /// # Safety
-/// `p` is NULL or a handle from `plugbus_open*`; `target_uuid` is NULL or points to
+/// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `target_uuid` is NULL or points to
 /// `target_len` readable bytes, `message` NULL or to `message_len` readable bytes (when those
 /// lengths are within the ring's limit).
 #[unsafe(no_mangle)]
@@ -699,8 +691,7 @@ pub unsafe extern "C" fn plugbus_send_chat(
     message_len: usize,
 ) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on `p`.
-        let h = unsafe { handle(p)? };
+        let h = handle(p)?;
         h.with_context("plugbus_send_chat", |ctx, max| {
             // SAFETY: the caller's contract on the strings; lengths are checked first.
             let (target, message) = unsafe {
@@ -732,7 +723,7 @@ fn actions(kind: action::Kind) -> plugin_to_host::Payload {
 /// "warn", "info", "debug" or "trace" (NUL-terminated); `message` need not be.
 ///
 /// # Safety
-/// `p` is NULL or a handle from `plugbus_open*`; `level` is NULL or NUL-terminated; `message`
+/// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `level` is NULL or NUL-terminated; `message`
 /// is NULL or points to `len` readable bytes (when `len` is within the ring's limit).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_log(
@@ -742,8 +733,9 @@ pub unsafe extern "C" fn plugbus_log(
     len: usize,
 ) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on `p` and `level`.
-        let (h, level) = unsafe { (handle(p)?, arg_cstr(level, "level")?) };
+        let h = handle(p)?;
+        // SAFETY: the caller's contract on `level`.
+        let level = unsafe { arg_cstr(level, "level")? };
         if !["error", "warn", "info", "debug", "trace"].contains(&level) {
             return Err(Error::invalid(format!("unknown log level {level:?}")));
         }
@@ -769,13 +761,12 @@ pub unsafe extern "C" fn plugbus_log(
 /// message's `plugin_id` is replaced by this plugin's id. Works inside callbacks and outside.
 ///
 /// # Safety
-/// `p` is NULL or a handle from `plugbus_open*`; `data` is NULL or points to `len` readable
+/// `p` is any value (checked, never read through: NULL, a closed handle or one of another kind is an error); `data` is NULL or points to `len` readable
 /// bytes (when `len` is within the ring's limit).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_send_raw(p: *mut plugbus_plugin, data: *const u8, len: usize) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on `p`.
-        let h = unsafe { handle(p)? };
+        let h = handle(p)?;
         h.with_context("plugbus_send_raw", |ctx, max| {
             // SAFETY: the caller's contract on `data`; the length is checked first.
             let bytes = unsafe { arg_bytes(data, len, max, "data")? };
@@ -791,28 +782,30 @@ pub unsafe extern "C" fn plugbus_send_raw(p: *mut plugbus_plugin, data: *const u
 }
 
 /// Closes the handle: detaches from the link and frees what the handle holds. NULL is
-/// allowed (nothing happens). A handle already closed is `PLUGBUS_ERR_CLOSED` (a small
-/// tombstone of each handle stays allocated, so a closed handle is always recognized); closing
-/// from inside a callback is `PLUGBUS_ERR_BAD_STATE` (nothing is closed).
+/// allowed (nothing happens). The handle (and its event) is then stale: passing it again, to
+/// this or any function, is `PLUGBUS_ERR_CLOSED`, also after a newer handle was opened (each
+/// handle carries a generation). Closing from inside a callback is `PLUGBUS_ERR_BAD_STATE`
+/// (nothing is closed).
 ///
 /// # Safety
-/// `p` is NULL or a handle from `plugbus_open*`, not used by another thread during the call.
+/// `p` is NULL or any pointer (it is checked before use; nothing is read through it).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_close(p: *mut plugbus_plugin) -> plugbus_status {
     guard(|| {
         if p.is_null() {
             return Ok(PLUGBUS_OK);
         }
-        // SAFETY: the caller's contract on `p`.
-        let h = unsafe { handle(p)? };
+        let t = Token::decode(p, Kind::Plugin)?;
+        let h = PLUGINS.get(t)?.claim("plugin handle")?;
         if !h.ctx.get().is_null() {
             return Err(busy("plugbus_close"));
         }
         let mut st = h.state.try_borrow_mut().map_err(|_| busy("plugbus_close"))?;
-        h.closed.set(true);
-        h.event.closed.set(true);
         // Drops the connection: detaches from the link (shared memory: unmaps it), frees the buffers.
         *st = State::Closed;
+        drop(st);
+        // The token goes stale; the handle's memory goes with the last claim (`h`, below).
+        PLUGINS.remove(t);
         Ok(PLUGBUS_OK)
     })
 }

@@ -3,27 +3,17 @@
 use std::cell::Cell;
 use std::ffi::c_char;
 
-use super::{Error, PLUGBUS_ERR_CLOSED, PLUGBUS_OK, arg_str, guard, is_known, plugbus_status, plugbus_str, put_opt};
+use super::handles::{Kind, Token};
+use super::{Error, PLUGBUS_OK, arg_str, guard, plugbus_status, plugbus_str, put_opt};
 use crate::plugin::Reply;
 use crate::proto::{EventEnvelope, event_envelope::Payload};
 
-/// One event, opaque to C. Valid only during the `on_event` callback it was passed to: its
-/// accessors and reply helpers return `PLUGBUS_ERR_BAD_STATE` after that.
-#[derive(Debug)]
+/// One event, opaque to C: a typed handle (a token naming its connection's slot, never an
+/// address read through). Valid only during the `on_event` callback it was passed to: its
+/// accessors and reply helpers return `PLUGBUS_ERR_BAD_STATE` after that, and
+/// `PLUGBUS_ERR_CLOSED` once its handle is closed.
 pub struct plugbus_event {
-    /// The event being handled (null outside `on_event`).
-    pub(crate) frame: Cell<*mut EventFrame<'static>>,
-    /// Its handle was closed.
-    pub(crate) closed: Cell<bool>,
-}
-
-impl Default for plugbus_event {
-    fn default() -> Self {
-        Self {
-            frame: Cell::new(std::ptr::null_mut()),
-            closed: Cell::new(false),
-        }
-    }
+    _opaque: [u8; 0],
 }
 
 /// What the runtime lends for one `on_event` call, and the reply the C code chooses.
@@ -34,41 +24,58 @@ pub(crate) struct EventFrame<'a> {
     pub max_message: usize,
 }
 
-/// Runs `f` on the event being handled.
-///
-/// # Safety
-/// `ev` is NULL or the pointer passed to an `on_event` callback (during or after it, until the
-/// handle is closed); not used by another thread during the call.
-unsafe fn with_event<R>(
+type Lent = (*mut plugbus_event, *mut EventFrame<'static>);
+
+thread_local! {
+    /// The event an `on_event` callback on this thread is handling: its token and its frame
+    /// (null, null outside callbacks). The accessors compare the token they are given with it,
+    /// so the per-event path takes no lock and reads nothing through the caller's pointer.
+    static CURRENT: Cell<Lent> = const { Cell::new((std::ptr::null_mut(), std::ptr::null_mut())) };
+}
+
+/// Withdraws a lent event when dropped (restoring the one lent before, for a callback that
+/// polls another handle).
+pub(crate) struct LentEvent {
+    previous: Lent,
+}
+
+impl Drop for LentEvent {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.previous));
+    }
+}
+
+/// Lends `frame` to the accessors as event `token` on this thread until the result is dropped.
+/// The caller drops it before `frame` ends.
+pub(crate) fn lend_event(token: *mut plugbus_event, frame: &mut EventFrame<'_>) -> LentEvent {
+    let frame = std::ptr::from_mut(frame).cast::<EventFrame<'static>>();
+    LentEvent {
+        previous: CURRENT.with(|c| c.replace((token, frame))),
+    }
+}
+
+/// Runs `f` on the event `ev` names, if it is the one being handled on this thread. `ev` may be
+/// any value: it is compared with the lent event's token, never read through.
+fn with_event<R>(
     ev: *const plugbus_event,
     f: impl FnOnce(&mut EventFrame<'_>) -> Result<R, Error>,
 ) -> Result<R, Error> {
-    if ev.is_null() {
-        return Err(Error::null("the event"));
+    let (token, frame) = CURRENT.with(Cell::get);
+    if !ev.is_null() && std::ptr::eq(ev, token) && !frame.is_null() {
+        // SAFETY: `lend_event` set `frame` on this thread to the trampoline's stack `EventFrame`
+        // just before calling `on_event`, and its guard clears it before that frame ends; it
+        // is set, so we are nested in that callback, and the trampoline does not touch the
+        // frame until the callback returns: this is the only access.
+        return f(unsafe { &mut *frame });
     }
-    if !is_known(ev as usize) {
-        return Err(Error::new(
-            PLUGBUS_ERR_CLOSED,
-            "not a plugbus event (never passed to on_event)",
-        ));
+    // Not the event being handled: say why.
+    let t = Token::decode(ev, Kind::Event)?;
+    if !super::connection::is_live(t) {
+        return Err(t.stale_error());
     }
-    // SAFETY: registered addresses are event objects inside handles, which are never freed (see
-    // `connection::handle`); only shared references to them are made.
-    let ev = unsafe { &*ev };
-    if ev.closed.get() {
-        return Err(Error::new(PLUGBUS_ERR_CLOSED, "the event's handle was closed"));
-    }
-    let frame = ev.frame.get();
-    if frame.is_null() {
-        return Err(Error::bad_state(
-            "the event is valid only during its on_event callback (read what you need there)",
-        ));
-    }
-    // SAFETY: the trampoline sets `frame` to its stack `EventFrame` just before calling
-    // `on_event` and clears it before that frame ends; it is non-null, so we are nested in that
-    // callback on its thread, and the trampoline does not touch the frame until the callback
-    // returns: this is the only access.
-    f(unsafe { &mut *frame })
+    Err(Error::bad_state(
+        "the event is valid only during its on_event callback (read what you need there)",
+    ))
 }
 
 fn kind(env: &EventEnvelope) -> &'static str {
@@ -78,34 +85,32 @@ fn kind(env: &EventEnvelope) -> &'static str {
 /// The event's id (`EventEnvelope.event_id`), valid during the callback.
 ///
 /// # Safety
-/// `event` is NULL or a pointer passed to `on_event`; `out` is NULL or valid for a write.
+/// `event` is any value (checked, never read through); `out` is NULL or valid for a write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_event_id(event: *mut plugbus_event, out: *mut plugbus_str) -> plugbus_status {
     guard(|| {
         if out.is_null() {
             return Err(Error::null("out"));
         }
-        // SAFETY: the caller's contract on `event`.
-        unsafe {
-            with_event(event, |e| {
-                out.write(plugbus_str::new(&e.env.event_id));
-                Ok(PLUGBUS_OK)
-            })
-        }
+        with_event(event, |e| {
+            // SAFETY: non-null (checked above) and valid for a write by the caller's contract.
+            unsafe { out.write(plugbus_str::new(&e.env.event_id)) };
+            Ok(PLUGBUS_OK)
+        })
     })
 }
 
 /// The event's df.plugin `EventType` number (`PLUGBUS_EVENT_*`).
 ///
 /// # Safety
-/// `event` is NULL or a pointer passed to `on_event`; `out` is NULL or valid for a write.
+/// `event` is any value (checked, never read through); `out` is NULL or valid for a write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_event_type(event: *mut plugbus_event, out: *mut i32) -> plugbus_status {
     guard(|| {
         if out.is_null() {
             return Err(Error::null("out"));
         }
-        // SAFETY: the caller's contract on `event` and `out`.
+        // SAFETY: `out` is non-null (checked above) and valid for a write by the caller's contract.
         unsafe {
             with_event(event, |e| {
                 let t = e.env.payload.as_ref().map_or(e.env.r#type, |p| p.event_type() as i32);
@@ -119,14 +124,14 @@ pub unsafe extern "C" fn plugbus_event_type(event: *mut plugbus_event, out: *mut
 /// Whether the host waits for this plugin's answer (a reply helper's choice, or an ack).
 ///
 /// # Safety
-/// `event` is NULL or a pointer passed to `on_event`; `out` is NULL or valid for a write.
+/// `event` is any value (checked, never read through); `out` is NULL or valid for a write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_event_expects_response(event: *mut plugbus_event, out: *mut bool) -> plugbus_status {
     guard(|| {
         if out.is_null() {
             return Err(Error::null("out"));
         }
-        // SAFETY: the caller's contract on `event` and `out`.
+        // SAFETY: `out` is non-null (checked above) and valid for a write by the caller's contract.
         unsafe {
             with_event(event, |e| {
                 out.write(e.env.expects_response);
@@ -140,7 +145,7 @@ pub unsafe extern "C" fn plugbus_event_expects_response(event: *mut plugbus_even
 /// fields the accessors do not cover). The bytes are valid during the callback.
 ///
 /// # Safety
-/// `event` is NULL or a pointer passed to `on_event`; `data` and `len` are NULL or valid for a
+/// `event` is any value (checked, never read through); `data` and `len` are NULL or valid for a
 /// write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_event_bytes(
@@ -152,7 +157,7 @@ pub unsafe extern "C" fn plugbus_event_bytes(
         if data.is_null() || len.is_null() {
             return Err(Error::null("data or len"));
         }
-        // SAFETY: the caller's contract on each pointer.
+        // SAFETY: the caller's contract on each out pointer (the event is checked, not read through).
         unsafe {
             with_event(event, |e| {
                 data.write(e.bytes.as_ptr());
@@ -168,7 +173,7 @@ pub unsafe extern "C" fn plugbus_event_bytes(
 /// Each out pointer may be NULL (skipped). The strings are valid during the callback.
 ///
 /// # Safety
-/// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
+/// `event` is any value (checked, never read through); each out pointer is NULL or valid for a
 /// write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_event_chat(
@@ -178,7 +183,7 @@ pub unsafe extern "C" fn plugbus_event_chat(
     message: *mut plugbus_str,
 ) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on each pointer.
+        // SAFETY: the caller's contract on each out pointer (the event is checked, not read through).
         unsafe {
             with_event(event, |e| {
                 let Some(Payload::Chat(c)) = &e.env.payload else {
@@ -201,7 +206,7 @@ pub unsafe extern "C" fn plugbus_event_chat(
 /// strings are valid during the callback.
 ///
 /// # Safety
-/// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
+/// `event` is any value (checked, never read through); each out pointer is NULL or valid for a
 /// write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_event_command(
@@ -213,7 +218,7 @@ pub unsafe extern "C" fn plugbus_event_command(
     arg_count: *mut usize,
 ) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on each pointer.
+        // SAFETY: the caller's contract on each out pointer (the event is checked, not read through).
         unsafe {
             with_event(event, |e| {
                 let Some(Payload::Command(c)) = &e.env.payload else {
@@ -234,7 +239,7 @@ pub unsafe extern "C" fn plugbus_event_command(
 /// not below the count or the event is another type. Valid during the callback.
 ///
 /// # Safety
-/// `event` is NULL or a pointer passed to `on_event`; `arg` is NULL or valid for a write.
+/// `event` is any value (checked, never read through); `arg` is NULL or valid for a write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_event_command_arg(
     event: *mut plugbus_event,
@@ -245,7 +250,7 @@ pub unsafe extern "C" fn plugbus_event_command_arg(
         if arg.is_null() {
             return Err(Error::null("arg"));
         }
-        // SAFETY: the caller's contract on each pointer.
+        // SAFETY: the caller's contract on each out pointer (the event is checked, not read through).
         unsafe {
             with_event(event, |e| {
                 let Some(Payload::Command(c)) = &e.env.payload else {
@@ -269,7 +274,7 @@ pub unsafe extern "C" fn plugbus_event_command_arg(
 /// type. Each out pointer may be NULL (skipped). The strings are valid during the callback.
 ///
 /// # Safety
-/// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
+/// `event` is any value (checked, never read through); each out pointer is NULL or valid for a
 /// write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_event_join(
@@ -278,7 +283,7 @@ pub unsafe extern "C" fn plugbus_event_join(
     player_name: *mut plugbus_str,
 ) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on each pointer.
+        // SAFETY: the caller's contract on each out pointer (the event is checked, not read through).
         unsafe {
             with_event(event, |e| {
                 let Some(Payload::PlayerJoin(j)) = &e.env.payload else {
@@ -297,7 +302,7 @@ pub unsafe extern "C" fn plugbus_event_join(
 /// type. Each out pointer may be NULL (skipped). The strings are valid during the callback.
 ///
 /// # Safety
-/// `event` is NULL or a pointer passed to `on_event`; each out pointer is NULL or valid for a
+/// `event` is any value (checked, never read through); each out pointer is NULL or valid for a
 /// write.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_event_quit(
@@ -306,7 +311,7 @@ pub unsafe extern "C" fn plugbus_event_quit(
     player_name: *mut plugbus_str,
 ) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on each pointer.
+        // SAFETY: the caller's contract on each out pointer (the event is checked, not read through).
         unsafe {
             with_event(event, |e| {
                 let Some(Payload::PlayerQuit(q)) = &e.env.payload else {
@@ -325,36 +330,28 @@ pub unsafe extern "C" fn plugbus_event_quit(
 /// a response are accepted and ignored.
 ///
 /// # Safety
-/// `event` is NULL or a pointer passed to `on_event`.
+/// None: `event` may be any value (checked, never read through).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_reply_ack(event: *mut plugbus_event) -> plugbus_status {
-    // SAFETY: the caller's contract on `event`, passed on.
-    unsafe { set_reply(event, Reply::Ack) }
+    set_reply(event, Reply::Ack)
 }
 
 /// Answers the event with "cancel it" (the host drops a cancelled chat message, ...).
 ///
 /// # Safety
-/// `event` is NULL or a pointer passed to `on_event`.
+/// None: `event` may be any value (checked, never read through).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_reply_cancel(event: *mut plugbus_event) -> plugbus_status {
-    // SAFETY: the caller's contract on `event`, passed on.
-    unsafe { set_reply(event, Reply::Cancel) }
+    set_reply(event, Reply::Cancel)
 }
 
 /// Records `reply` as the answer to `event`.
-///
-/// # Safety
-/// `event` is NULL or a pointer passed to `on_event`.
-unsafe fn set_reply(event: *mut plugbus_event, reply: Reply) -> plugbus_status {
+fn set_reply(event: *mut plugbus_event, reply: Reply) -> plugbus_status {
     guard(move || {
-        // SAFETY: the caller's contract on `event`.
-        unsafe {
-            with_event(event, move |e| {
-                e.reply = reply;
-                Ok(PLUGBUS_OK)
-            })
-        }
+        with_event(event, move |e| {
+            e.reply = reply;
+            Ok(PLUGBUS_OK)
+        })
     })
 }
 
@@ -363,7 +360,7 @@ unsafe fn set_reply(event: *mut plugbus_event, reply: Reply) -> plugbus_status {
 /// text that is not UTF-8, or a message larger than the replies ring carries.
 ///
 /// # Safety
-/// `event` is NULL or a pointer passed to `on_event`; `message` is NULL or points to `len`
+/// `event` is any value (checked, never read through); `message` is NULL or points to `len`
 /// readable bytes (when `len` is within the ring's limit).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn plugbus_reply_set_chat_message(
@@ -372,7 +369,7 @@ pub unsafe extern "C" fn plugbus_reply_set_chat_message(
     len: usize,
 ) -> plugbus_status {
     guard(|| {
-        // SAFETY: the caller's contract on `event` and `message`; the length is checked first.
+        // SAFETY: the caller's contract on `message`; the length is checked first.
         unsafe {
             with_event(event, |e| {
                 if !matches!(e.env.payload, Some(Payload::Chat(_))) {
@@ -388,4 +385,31 @@ pub unsafe extern "C" fn plugbus_reply_set_chat_message(
             })
         }
     })
+}
+
+/// Calls `f` with an event handle lent over `env` (whose encoding is `bytes`), as `on_event`
+/// is called, and returns what `f` returned with the reply it chose. For the fuzz harnesses
+/// (fuzz/, tests/fuzz_*.rs), which call the accessors and reply helpers on events decoded from
+/// arbitrary bytes without a host; not part of the API.
+#[doc(hidden)]
+pub fn with_event_for_fuzzing<R>(
+    env: &EventEnvelope,
+    bytes: &[u8],
+    max_message: usize,
+    f: impl FnOnce(*mut plugbus_event) -> R,
+) -> (R, Reply) {
+    let mut frame = EventFrame {
+        env,
+        bytes,
+        reply: Reply::Ack,
+        max_message,
+    };
+    let token = Token::unregistered_event().as_ptr::<plugbus_event>();
+    let r = {
+        // Lent for the call only, as a connection lends it to on_event (the guard ends the
+        // loan when `f` returns or unwinds).
+        let _lent = lend_event(token, &mut frame);
+        f(token)
+    };
+    (r, frame.reply)
 }

@@ -12,16 +12,17 @@
 //!   that fills the same kind of thing (the next outcome, action, notice, log, metrics text), and
 //!   never past `plugbus_host_shutdown`. Nothing returned needs to be freed, except the handle
 //!   itself, by `plugbus_host_shutdown`;
-//! - host handles live in a registry of their own, apart from plugin handles, so a plugin
-//!   handle, an event or a made-up pointer passed as a host is an error (`PLUGBUS_ERR_CLOSED`),
-//!   not a wild read; a handle's memory stays as a tombstone after shutdown.
+//! - a host handle is a typed token in a registry of its own (see `ffi::handles`), so a plugin
+//!   handle, an event, a shut-down host or a made-up pointer passed as a host is an error
+//!   (`PLUGBUS_ERR_CLOSED`, the message says which), never a read through the pointer.
 
 use std::ffi::c_char;
-use std::sync::{Mutex, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
 
+use super::handles::{Kind, Registry, Token};
 use super::{
     Error, PLUGBUS_ERR_CLOSED, PLUGBUS_ERR_INVALID_ARGUMENT, PLUGBUS_ERR_NOT_FOUND, PLUGBUS_ERR_TIMEOUT, PLUGBUS_OK,
     arg_bytes, arg_cstr, arg_str, guard, plugbus_move_record, plugbus_status, plugbus_str, put_opt,
@@ -56,11 +57,20 @@ const MAX_MOVES: usize = 1 << 20;
 /// Longest wait `plugbus_host_wait` accepts (one hour): a larger value is surely a unit mistake.
 const MAX_WAIT_US: u64 = 3_600_000_000;
 
-/// A host, opaque to C. Created by `plugbus_host_start` or `plugbus_host_start_file`, freed by
-/// `plugbus_host_shutdown`. One thread drives it.
+/// A host, opaque to C: a typed handle (a token checked against the registry of host handles,
+/// never an address read through). Created by `plugbus_host_start` or
+/// `plugbus_host_start_file`, freed by `plugbus_host_shutdown`. One thread drives it.
 pub struct plugbus_host {
+    _opaque: [u8; 0],
+}
+
+/// What a `plugbus_host` token stands for.
+struct HostHandle {
     state: Mutex<Option<Box<HostState>>>,
 }
+
+/// The live host handles.
+static HOSTS: Registry<HostHandle> = Registry::new(Kind::Host);
 
 /// A finished event's outcome (filled by `plugbus_host_poll_outcome` and `plugbus_host_wait`).
 #[repr(C)]
@@ -125,33 +135,17 @@ struct HostState {
     envelope: EventEnvelope,
 }
 
-static HOSTS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-
 /// Runs `f` on the live host behind `h`.
 ///
 /// # Safety
-/// `h` is NULL or any pointer (it is checked against the registry before use).
+/// None: `h` may be any value (it is checked against the registry, never read through). The
+/// function is `unsafe` because `f` is typically an unsafe block writing the caller's pointers.
 unsafe fn with_host(
     h: *const plugbus_host,
     f: impl FnOnce(&mut HostState) -> Result<plugbus_status, Error>,
 ) -> plugbus_status {
     guard(|| {
-        if h.is_null() {
-            return Err(Error::null("the host handle"));
-        }
-        if !HOSTS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&(h as usize))
-        {
-            return Err(Error::new(
-                PLUGBUS_ERR_CLOSED,
-                "not a plugbus host handle (never returned by plugbus_host_start)",
-            ));
-        }
-        // SAFETY: registered addresses come from `Box::into_raw` in `start` and are never freed
-        // (shutdown leaves the handle as a tombstone), so `h` points to a live `plugbus_host`.
-        let handle = unsafe { &*h };
+        let handle = HOSTS.get(Token::decode(h, Kind::Host)?)?;
         let mut guard = match handle.state.try_lock() {
             Ok(g) => g,
             Err(TryLockError::WouldBlock) => {
@@ -190,15 +184,11 @@ fn start(config: Result<HostConfig, crate::host::ConfigError>, out: *mut *mut pl
             metrics: String::new(),
             envelope: EventEnvelope::default(),
         };
-        let handle = Box::into_raw(Box::new(plugbus_host {
+        let t = HOSTS.insert(Arc::new(HostHandle {
             state: Mutex::new(Some(Box::new(state))),
-        }));
-        HOSTS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(handle as usize);
+        }))?;
         // SAFETY: checked non-null above; the caller passes a writable `plugbus_host *`.
-        unsafe { out.write(handle) };
+        unsafe { out.write(t.as_ptr()) };
         Ok(PLUGBUS_OK)
     })
 }
@@ -1045,11 +1035,13 @@ pub unsafe extern "C" fn plugbus_host_shutdown(
         })
     };
     if status == PLUGBUS_OK {
-        // SAFETY: `with_host` found `h` registered and live, so it points to a `plugbus_host`.
-        let handle = unsafe { &*h };
-        let mut st = handle.state.lock().unwrap_or_else(PoisonError::into_inner);
-        // Dropping the host stops whatever is still running.
-        st.take();
+        // `with_host` found the token live: it goes stale now, and the host is dropped (which
+        // stops whatever is still running) unless another thread's call still holds it, whose
+        // call then ends first.
+        if let Some(handle) = Token::decode(h, Kind::Host).ok().and_then(|t| HOSTS.remove(t)) {
+            let mut st = handle.state.lock().unwrap_or_else(PoisonError::into_inner);
+            st.take();
+        }
     }
     status
 }

@@ -12,18 +12,21 @@
 //! - every function returns a status code (`PLUGBUS_OK`, `PLUGBUS_SHUTDOWN`, or a negative
 //!   `PLUGBUS_ERR_*`); `plugbus_last_error()` gives the message of the last failure on the thread;
 //! - a NULL pointer, a bad length, a closed handle, or a call in the wrong state is an error,
-//!   never a crash: handles are checked against a registry of the handles opened before use;
+//!   never a crash: handles are typed tokens (see [`handles`]), each checked for its kind and
+//!   liveness against the registry of its kind before anything is touched, and never read
+//!   through, so a handle of another kind, a stale handle or a made-up pointer is
+//!   `PLUGBUS_ERR_CLOSED` with a message saying which;
 //! - no Rust panic crosses the boundary: each function runs under `catch_unwind`.
 #![allow(non_camel_case_types)]
 
 pub mod connection;
 pub mod event;
+mod handles;
 pub mod host;
 
 use std::cell::RefCell;
 use std::ffi::{CString, c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Mutex, PoisonError};
 
 use crate::fastpath::MoveRecord;
 use crate::plugin::PluginError;
@@ -49,7 +52,10 @@ pub const PLUGBUS_ERR_INVALID_ARGUMENT: i32 = -2;
 /// The call is not allowed now: poll before connect, configure after connect, an event helper
 /// outside its callback, a handle call from inside a callback that needs the handle itself.
 pub const PLUGBUS_ERR_BAD_STATE: i32 = -3;
-/// The handle is not a live plugbus handle (already closed, or never opened).
+/// The handle is not a live plugbus handle of the kind the function takes: already closed
+/// (stale), never opened (a made-up or foreign pointer), or a handle of another kind (an event
+/// passed to a connection function, a host handle to a plugin function, ...). Nothing is read
+/// through such a pointer; `plugbus_last_error` says which case it is.
 pub const PLUGBUS_ERR_CLOSED: i32 = -4;
 /// Not found: no such segment, or the environment variables a host sets are missing.
 pub const PLUGBUS_ERR_NOT_FOUND: i32 = -5;
@@ -314,22 +320,6 @@ pub(crate) fn guard(f: impl FnOnce() -> Result<plugbus_status, Error>) -> plugbu
             PLUGBUS_ERR_INTERNAL
         }
     }
-}
-
-/// Addresses of every handle ever opened and of its event object: a pointer is dereferenced
-/// only if it is in here, so a made-up pointer is an error instead of a wild read. A handle's
-/// memory is never freed: `plugbus_close` frees what it holds (the connection, the mapping, the
-/// buffers) and leaves a small tombstone, so a closed handle is always recognized
-/// (`PLUGBUS_ERR_CLOSED`), never confused with a newer handle at the same address. A plugin
-/// opens one handle or a few, so a vector is the right set.
-static KNOWN: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-
-pub(crate) fn register(addr: usize) {
-    KNOWN.lock().unwrap_or_else(PoisonError::into_inner).push(addr);
-}
-
-pub(crate) fn is_known(addr: usize) -> bool {
-    KNOWN.lock().unwrap_or_else(PoisonError::into_inner).contains(&addr)
 }
 
 pub(crate) fn closed_error() -> Error {

@@ -6,13 +6,24 @@
 //! response_timeout_ms = 250     # how long an event that expects a response waits
 //! shutdown_grace_ms = 5000      # HostShutdown, then this long, then SIGKILL
 //! record = "session.jsonl"      # optional: write every tick's moves and events, for `plugbus replay`
+//! heartbeat_timeout_ms = 5000   # a live plugin silent this long is wedged: disconnected
+//! # What one plugin can make the host take in per poll, and hold (see HostSettings):
+//! poll_max_frames = 1024
+//! poll_max_bytes = 1048576
+//! poll_max_actions = 4096
+//! poll_max_logs = 256
+//! max_queued_actions = 16384    # waiting for the server's drain_actions; more: disconnected
+//! max_queued_logs = 1024
+//! max_queued_bytes = 16777216
+//! max_output_line = 4096        # stdout/stderr lines are cut (and marked) past this
 //!
 //! [[plugin]]
 //! id = "chat_filter"
 //! name = "Chat filter"
 //! command = "target/release/examples/chat_filter"
 //! args = ["--banned", "darn"]
-//! env = { RUST_LOG = "info" }
+//! env = { RUST_LOG = "info" }   # the environment is cleared but for an allowlist, plus these
+//! env_allow = ["JAVA_HOME"]     # host variables to pass through as well
 //! workdir = "."
 //! priority = 10                 # higher priority has the final say on mutations
 //! required = true               # the host waits for its hello before it starts
@@ -70,9 +81,12 @@ pub struct HostSettings {
     pub response_timeout_ms: u64,
     /// Grace between HostShutdown and SIGKILL, ms (default 5000).
     pub shutdown_grace_ms: u64,
-    /// An attached plugin whose heartbeat is older than this is checked for death, ms
-    /// (default 600; plugins beat every 100 ms, so death is seen within a second).
+    /// A ready plugin whose heartbeat is older than this while its process lives is wedged:
+    /// it is disconnected (and restarted per the restart policy), ms (default 5000; plugins
+    /// beat about every 100 ms whenever their loop runs).
     pub heartbeat_timeout_ms: u64,
+    /// A heartbeat older than this gets the plugin reported slow, ms (default 600).
+    pub slow_heartbeat_ms: u64,
     /// Restarts allowed per window before a launched plugin is disabled (default 3).
     pub restart_max: u32,
     /// The restart window, seconds (default 60).
@@ -83,6 +97,35 @@ pub struct HostSettings {
     pub batch_max_events: usize,
     /// Encoded bytes per batch before an early flush (default 4096).
     pub batch_max_bytes: usize,
+    /// Plugin messages (frames) taken in per plugin per poll (default 1024); the rest waits
+    /// in the plugin's link (the plugin is held back), so no plugin can stall a tick.
+    pub poll_max_frames: usize,
+    /// Bytes of plugin messages taken in per plugin per poll (default 1 MiB; one message more
+    /// may cross it).
+    pub poll_max_bytes: usize,
+    /// Actions taken in per plugin per poll (default 4096; the message that crosses it is
+    /// taken whole, then reading stops until the next poll).
+    pub poll_max_actions: usize,
+    /// Log lines taken in per plugin per poll (default 256; as for actions).
+    pub poll_max_logs: usize,
+    /// Actions of one plugin waiting for the server to take them
+    /// ([`Host::drain_actions`](super::Host::drain_actions)); a plugin that makes the host
+    /// hold more is disconnected with the reason (default 16384).
+    pub max_queued_actions: usize,
+    /// Log lines of one plugin waiting for the server to take them
+    /// ([`Host::drain_logs`](super::Host::drain_logs)); a plugin that makes the host hold
+    /// more is disconnected with the reason (default 1024).
+    pub max_queued_logs: usize,
+    /// Bytes (encoded size) of one plugin's waiting actions and log lines together; past it
+    /// the plugin is disconnected (default 16 MiB).
+    pub max_queued_bytes: usize,
+    /// Longest line of a launched plugin's stdout or stderr forwarded to the log, bytes; a
+    /// longer line is cut there and marked (default 4096).
+    pub max_output_line: usize,
+    /// Makes the host process non-dumpable (`PR_SET_DUMPABLE` 0) at start, so a plugin
+    /// running as the same user cannot ptrace it or read its memory through /proc (default
+    /// true). This also turns off core dumps of the host process.
+    pub protect_memory: bool,
     /// Reply latency above which a plugin is reported slow, ms (default 50).
     pub slow_reply_ms: u64,
     /// Buffer fill (0..1) above which a plugin is reported slow (default 0.75).
@@ -109,12 +152,22 @@ impl Default for HostSettings {
             hello_timeout_ms: 2000,
             response_timeout_ms: 250,
             shutdown_grace_ms: 5000,
-            heartbeat_timeout_ms: 600,
+            heartbeat_timeout_ms: 5000,
+            slow_heartbeat_ms: 600,
             restart_max: 3,
             restart_window_s: 60,
             overflow_frames: 4096,
             batch_max_events: 100,
             batch_max_bytes: 4096,
+            poll_max_frames: 1024,
+            poll_max_bytes: 1 << 20,
+            poll_max_actions: 4096,
+            poll_max_logs: 256,
+            max_queued_actions: 16384,
+            max_queued_logs: 1024,
+            max_queued_bytes: 16 << 20,
+            max_output_line: 4096,
+            protect_memory: true,
             slow_reply_ms: 50,
             slow_occupancy: 0.75,
             listen: Vec::new(),
@@ -165,9 +218,14 @@ pub struct PluginConfig {
     /// Its arguments.
     #[serde(default)]
     pub args: Vec<String>,
-    /// Extra environment variables.
+    /// Extra environment variables. A launched plugin starts with a cleared environment:
+    /// these, the host's `PATH`, `HOME`, `LANG`, `LC_ALL`, `TZ`, `RUST_LOG` and `RUST_BACKTRACE`,
+    /// the host variables named in `env_allow`, and the bus's own variables.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Names of further host environment variables passed to a launched plugin.
+    #[serde(default)]
+    pub env_allow: Vec<String>,
     /// Working directory.
     #[serde(default)]
     pub workdir: Option<PathBuf>,
@@ -205,6 +263,7 @@ impl PluginConfig {
             command: Some(command.into()),
             args: Vec::new(),
             env: BTreeMap::new(),
+            env_allow: Vec::new(),
             workdir: None,
             priority: 0,
             required: false,
@@ -382,6 +441,27 @@ impl HostConfig {
                 None,
                 Some("host"),
                 "batch and overflow limits must be positive",
+            ));
+        }
+        for (field, v) in [
+            ("host.poll_max_frames", h.poll_max_frames),
+            ("host.poll_max_bytes", h.poll_max_bytes),
+            ("host.poll_max_actions", h.poll_max_actions),
+            ("host.poll_max_logs", h.poll_max_logs),
+            ("host.max_queued_actions", h.max_queued_actions),
+            ("host.max_queued_logs", h.max_queued_logs),
+            ("host.max_queued_bytes", h.max_queued_bytes),
+            ("host.max_output_line", h.max_output_line),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(None, Some(field), "must be positive"));
+            }
+        }
+        if h.heartbeat_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                None,
+                Some("host.heartbeat_timeout_ms"),
+                "must be positive",
             ));
         }
         if h.tls_cert.is_some() != h.tls_key.is_some() {

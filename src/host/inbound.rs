@@ -5,14 +5,14 @@ use std::time::{Duration, Instant};
 
 use super::slot::{EventSet, SendOutcome, SlotState};
 use super::tick::overflow_reason;
-use super::{ActionItem, Host, LOG_QUEUE, LogItem, Notice};
+use super::{ActionItem, Host, LogItem, Notice, logsink};
 use crate::proto::{
     self, ActionResult, HostHello, HostShutdown, HostToPlugin, ServerInformationResponse, host_to_plugin,
     plugin_to_host,
 };
 
-/// Most plugin messages read per plugin per poll, so one chatty plugin cannot stall a tick.
-const RECV_PER_POLL: usize = 1024;
+/// A decoded action list longer than this is not kept for reuse.
+const SHRINK_ABOVE: usize = 4096;
 /// How often health is checked.
 const HEALTH_EVERY: Duration = Duration::from_millis(50);
 
@@ -42,32 +42,52 @@ impl Host {
         }
     }
 
+    /// Takes in plugin `i`'s messages, within this poll's budgets (frames, bytes, actions,
+    /// log lines): what is left waits in the plugin's link, which holds the plugin back.
     fn read_replies(&mut self, i: usize) {
-        if !self.slots[i].is_live() {
-            return;
-        }
-        let Some(link) = self.slots[i].link.as_mut() else {
-            return;
-        };
-        let pool = &mut self.pool;
-        let inbox = &mut self.inbox;
-        // Copy out first: the bytes may lie in memory the plugin can still write.
-        let r = link.recv(RECV_PER_POLL, &mut |bytes| {
-            let mut b = pool.take();
-            b.extend_from_slice(bytes);
-            inbox.push(b);
-        });
-        let mut inbox = std::mem::take(&mut self.inbox);
-        for buf in inbox.drain(..) {
-            if self.slots[i].is_live() {
-                self.on_message(i, &buf);
+        let h = &self.settings;
+        let (max_frames, max_bytes, max_actions, max_logs) =
+            (h.poll_max_frames, h.poll_max_bytes, h.poll_max_actions, h.poll_max_logs);
+        self.poll_actions = 0;
+        self.poll_logs = 0;
+        let mut frames = 0;
+        let mut bytes = 0;
+        while frames < max_frames && bytes < max_bytes && self.poll_actions < max_actions && self.poll_logs < max_logs {
+            if !self.slots[i].is_live() {
+                return;
             }
-            self.pool.give(buf);
+            let Some(link) = self.slots[i].link.as_mut() else {
+                return;
+            };
+            let mut buf = std::mem::take(&mut self.rx_buf);
+            buf.clear();
+            // One message at a time, copied out: the adapter lends bytes only for the call.
+            let r = link.recv(1, &mut |b| buf.extend_from_slice(b));
+            match r {
+                Ok(0) => {
+                    self.rx_buf = buf;
+                    return;
+                }
+                Ok(_) => {
+                    frames += 1;
+                    bytes += buf.len();
+                    self.on_message(i, &buf);
+                    self.rx_buf = buf;
+                }
+                Err(e) => {
+                    self.rx_buf = buf;
+                    self.disconnect(i, format!("link error: {e}"), true, Instant::now());
+                    return;
+                }
+            }
         }
-        self.inbox = inbox;
-        if let Err(e) = r {
-            self.disconnect(i, format!("link error: {e}"), true, Instant::now());
-        }
+    }
+
+    /// Disconnects plugin `i` for making the host hold more than the settings allow.
+    fn over_quota(&mut self, i: usize, what: String) {
+        let reason = format!("quota exceeded: {what}");
+        tracing::error!(plugin = %self.slots[i].cfg.id, "{reason}");
+        self.disconnect(i, reason, true, Instant::now());
     }
 
     fn on_message(&mut self, i: usize, bytes: &[u8]) {
@@ -99,7 +119,25 @@ impl Host {
                 self.on_result(i, r);
             }
             plugin_to_host::Payload::Actions(batch) => {
-                let id = &self.slots[i].cfg.id;
+                let n = batch.actions.len();
+                let bytes: usize = batch.actions.iter().map(prost::Message::encoded_len).sum();
+                let (limit, limit_bytes) = (self.settings.max_queued_actions, self.settings.max_queued_bytes);
+                let held = self.slots[i].held;
+                if held.actions + n > limit || held.bytes() + bytes > limit_bytes {
+                    let what = format!(
+                        "{} actions ({} bytes with its log lines) wait for the server to take them and {n} more came \
+                         (host.max_queued_actions = {limit}, host.max_queued_bytes = {limit_bytes})",
+                        held.actions,
+                        held.bytes()
+                    );
+                    self.over_quota(i, what);
+                    return;
+                }
+                self.poll_actions += n;
+                let s = &mut self.slots[i];
+                s.held.actions += n;
+                s.held.action_bytes += bytes;
+                let id = &s.cfg.id;
                 for action in batch.actions.drain(..) {
                     self.stats.actions += 1;
                     self.actions.push_back(ActionItem {
@@ -107,32 +145,38 @@ impl Host {
                         action,
                     });
                 }
+                if batch.actions.capacity() > SHRINK_ABOVE {
+                    // A huge batch must not keep its memory in the decoder.
+                    batch.actions = Vec::new();
+                }
             }
             plugin_to_host::Payload::Log(log) => {
-                let id = &self.slots[i].cfg.id;
-                match log.level.to_ascii_lowercase().as_str() {
-                    "error" => {
-                        tracing::error!(target: "plugbus::plugin", plugin = %id, "{}", log.message)
-                    }
-                    "warn" | "warning" => {
-                        tracing::warn!(target: "plugbus::plugin", plugin = %id, "{}", log.message)
-                    }
-                    "debug" => {
-                        tracing::debug!(target: "plugbus::plugin", plugin = %id, "{}", log.message)
-                    }
-                    "trace" => {
-                        tracing::trace!(target: "plugbus::plugin", plugin = %id, "{}", log.message)
-                    }
-                    _ => tracing::info!(target: "plugbus::plugin", plugin = %id, "{}", log.message),
+                self.poll_logs += 1;
+                let bytes = log.level.len() + log.message.len();
+                let (limit, limit_bytes) = (self.settings.max_queued_logs, self.settings.max_queued_bytes);
+                let held = self.slots[i].held;
+                if held.logs + 1 > limit || held.bytes() + bytes > limit_bytes {
+                    let what = format!(
+                        "{} log lines ({} bytes with its actions) wait for the server to take them and one more came \
+                         (host.max_queued_logs = {limit}, host.max_queued_bytes = {limit_bytes})",
+                        held.logs,
+                        held.bytes()
+                    );
+                    self.over_quota(i, what);
+                    return;
                 }
-                if self.logs.len() >= LOG_QUEUE {
-                    self.logs.pop_front();
-                    self.stats.logs_dropped += 1;
-                }
+                let s = &mut self.slots[i];
+                s.held.logs += 1;
+                s.held.log_bytes += bytes;
+                let level = std::mem::take(&mut log.level);
+                let message = std::mem::take(&mut log.message);
+                // Formatted (and escaped) on the log thread, not here.
+                self.log_sink
+                    .send(&s.log_id, logsink::Level::parse(&level), message.clone());
                 self.logs.push_back(LogItem {
-                    plugin: id.clone(),
-                    level: std::mem::take(&mut log.level),
-                    message: std::mem::take(&mut log.message),
+                    plugin: s.cfg.id.clone(),
+                    level,
+                    message,
                 });
             }
             plugin_to_host::Payload::ServerInfo(_) => {

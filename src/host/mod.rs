@@ -46,6 +46,7 @@
 pub mod config;
 mod inbound;
 mod launch;
+mod logsink;
 mod metrics;
 mod pending;
 mod slot;
@@ -57,7 +58,8 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 pub use config::{ConfigError, HostConfig, HostSettings, PluginConfig};
-pub use launch::{ENV_DF_HOST_BOOT_ID, ENV_DF_PLUGIN_ID, ENV_PLUGIN_ID};
+pub use launch::{ENV_ALLOWLIST, ENV_DF_HOST_BOOT_ID, ENV_DF_PLUGIN_ID, ENV_PLUGIN_ID};
+pub use logsink::escape as escape_plugin_text;
 pub use pending::{Outcome, Pending, WAIT_SPIN};
 pub use slot::{EventSet, SlotState};
 pub use stats::{Hist, HostStats, MetricsSnapshot, PluginStats};
@@ -182,10 +184,6 @@ pub struct LogItem {
     pub message: String,
 }
 
-/// Most plugin log lines kept for [`Host::drain_logs`]; older ones are dropped (and counted in
-/// [`HostStats::logs_dropped`]). Every line also goes to the `tracing` log as it arrives.
-pub const LOG_QUEUE: usize = 1024;
-
 /// The host runtime. Drive it from the game's tick thread.
 pub struct Host {
     settings: HostSettings,
@@ -204,7 +202,12 @@ pub struct Host {
     scratch: Vec<u8>,
     moves: Vec<MoveRecord>,
     pool: BufferPool,
-    inbox: Vec<Vec<u8>>,
+    /// The plugin message being handled (copied out of its link; reused).
+    rx_buf: Vec<u8>,
+    /// Actions and log lines taken in from the plugin being read, this poll.
+    poll_actions: usize,
+    poll_logs: usize,
+    log_sink: logsink::LogSink,
     /// Slots a waiting host sleeps on (reused).
     waiting: Vec<usize>,
     decoder: PluginDecoder,
@@ -264,6 +267,10 @@ impl Host {
             }
         }
         let settings = config.host.clone();
+        if settings.protect_memory {
+            protect_memory();
+        }
+        let max_output_line = settings.max_output_line;
         let recorder = match &settings.record {
             Some(path) => Some(
                 crate::jsonl::Recorder::create(path).map_err(|source| HostError::Record {
@@ -292,10 +299,13 @@ impl Host {
             scratch: Vec::with_capacity(4096),
             moves: Vec::new(),
             pool: BufferPool::default(),
-            inbox: Vec::new(),
+            rx_buf: Vec::new(),
+            poll_actions: 0,
+            poll_logs: 0,
+            log_sink: logsink::LogSink::start(),
             waiting: Vec::new(),
             decoder: PluginDecoder::default(),
-            supervisor: Supervisor::start(transports).map_err(HostError::Supervisor)?,
+            supervisor: Supervisor::start(transports, max_output_line).map_err(HostError::Supervisor)?,
             stats: HostStats::default(),
             last_health: Instant::now(),
             recorder,
@@ -429,13 +439,26 @@ impl Host {
         }
     }
 
-    /// Actions received from plugins since the last call, in arrival order.
+    /// Actions received from plugins since the last call, in arrival order. Take them every
+    /// tick or so: a plugin whose untaken actions pass `max_queued_actions` (or, with its log
+    /// lines, `max_queued_bytes`) is disconnected.
     pub fn drain_actions(&mut self) -> std::collections::vec_deque::Drain<'_, ActionItem> {
+        for s in &mut self.slots {
+            s.held.actions = 0;
+            s.held.action_bytes = 0;
+        }
         self.actions.drain(..)
     }
 
-    /// Log lines plugins sent since the last call, in arrival order (at most [`LOG_QUEUE`]).
+    /// Log lines plugins sent since the last call, in arrival order (each also went to the
+    /// `tracing` log, escaped). The text is the plugin's own: untrusted, unescaped. Take them
+    /// every tick or so: a plugin whose untaken lines pass `max_queued_logs` (or, with its
+    /// actions, `max_queued_bytes`) is disconnected.
     pub fn drain_logs(&mut self) -> std::collections::vec_deque::Drain<'_, LogItem> {
+        for s in &mut self.slots {
+            s.held.logs = 0;
+            s.held.log_bytes = 0;
+        }
         self.logs.drain(..)
     }
 
@@ -446,12 +469,25 @@ impl Host {
 
     /// The oldest action not taken yet (one at a time, for callers that cannot hold a drain).
     pub fn next_action(&mut self) -> Option<ActionItem> {
-        self.actions.pop_front()
+        let item = self.actions.pop_front()?;
+        if let Some(s) = self.slots.iter_mut().find(|s| s.cfg.id == item.plugin) {
+            s.held.actions = s.held.actions.saturating_sub(1);
+            s.held.action_bytes = s
+                .held
+                .action_bytes
+                .saturating_sub(prost::Message::encoded_len(&item.action));
+        }
+        Some(item)
     }
 
     /// The oldest plugin log line not taken yet.
     pub fn next_log(&mut self) -> Option<LogItem> {
-        self.logs.pop_front()
+        let item = self.logs.pop_front()?;
+        if let Some(s) = self.slots.iter_mut().find(|s| s.cfg.id == item.plugin) {
+            s.held.logs = s.held.logs.saturating_sub(1);
+            s.held.log_bytes = s.held.log_bytes.saturating_sub(item.level.len() + item.message.len());
+        }
+        Some(item)
     }
 
     /// The oldest notice not taken yet.
@@ -461,8 +497,10 @@ impl Host {
 
     /// Counters and histograms.
     pub fn metrics(&self) -> MetricsSnapshot {
+        let mut host = self.stats.clone();
+        host.logs_dropped = self.log_sink.dropped();
         MetricsSnapshot {
-            host: self.stats.clone(),
+            host,
             plugins: self.slots.iter().map(|s| (s.cfg.id.clone(), s.stats.clone())).collect(),
             pool: self.pool.stats(),
         }
@@ -506,6 +544,15 @@ impl Host {
                 Err(e) => tracing::error!("recording failed: {e}"),
             }
         }
+    }
+}
+
+/// Makes this process non-dumpable, so that a process of the same user (a plugin) can neither
+/// ptrace it nor read its memory or its file descriptors through /proc. Where the kernel
+/// refuses, says so and goes on.
+fn protect_memory() {
+    if let Err(e) = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable) {
+        tracing::warn!("cannot make the host non-dumpable (PR_SET_DUMPABLE): {e}");
     }
 }
 

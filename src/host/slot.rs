@@ -74,8 +74,27 @@ pub(crate) enum SendOutcome {
     Overflow,
 }
 
+/// What a plugin has made the host hold for the server (taken by `drain_actions`,
+/// `drain_logs`, `next_action`, `next_log`).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Held {
+    pub actions: usize,
+    pub action_bytes: usize,
+    pub logs: usize,
+    pub log_bytes: usize,
+}
+
+impl Held {
+    pub fn bytes(&self) -> usize {
+        self.action_bytes + self.log_bytes
+    }
+}
+
 pub(crate) struct Slot {
     pub cfg: PluginConfig,
+    /// The id, shared with the log thread.
+    pub log_id: std::sync::Arc<str>,
+    pub held: Held,
     pub state: SlotState,
     /// `None` while the supervisor makes it (and after a disconnect).
     pub link: Option<Box<dyn HostLink>>,
@@ -111,6 +130,8 @@ pub(crate) struct Slot {
 impl Slot {
     pub fn new(cfg: PluginConfig) -> Self {
         Self {
+            log_id: cfg.id.as_str().into(),
+            held: Held::default(),
             cfg,
             state: SlotState::Connecting,
             link: None,

@@ -103,8 +103,8 @@ pub struct HostStats {
     pub moves_offered: u64,
     /// Actions received from plugins.
     pub actions: u64,
-    /// Plugin log lines dropped from the host's queue because nobody drained it (they still
-    /// went to the `tracing` log).
+    /// Plugin log lines the log thread dropped because it could not keep up (they are still
+    /// in [`Host::drain_logs`](super::Host::drain_logs)).
     pub logs_dropped: u64,
     /// Encode time per event, ns.
     pub encode_ns: Hist,

@@ -85,7 +85,7 @@ pub(crate) struct Supervisor {
 }
 
 impl Supervisor {
-    pub(crate) fn start(transports: Transports) -> std::io::Result<Self> {
+    pub(crate) fn start(transports: Transports, max_output_line: usize) -> std::io::Result<Self> {
         let (tx, requests) = mpsc::channel();
         let (reports, rx) = mpsc::channel();
         let wake = Arc::new(rustix::event::eventfd(
@@ -102,6 +102,7 @@ impl Supervisor {
                     wake,
                     procs: Vec::new(),
                     shutting_down: None,
+                    max_output_line,
                 }
                 .run()
             }
@@ -189,6 +190,29 @@ struct Thread {
     procs: Vec<Proc>,
     /// Since a shutdown request: the ids killed after the grace.
     shutting_down: Option<Vec<String>>,
+    /// Longest stdout/stderr line forwarded.
+    max_output_line: usize,
+}
+
+/// SIGKILLs a launched plugin's process group (the plugin and whatever it started that stayed
+/// in its group), or the process alone if the group is gone.
+fn kill_group(child: &mut Child) {
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        // The plugin leads its own group (`process_group(0)` at spawn), so its pid is the
+        // group's id. A pid is not reused while a group of that id has members.
+        if rustix::process::kill_process_group(pid, rustix::process::Signal::KILL).is_ok() {
+            return;
+        }
+    }
+    let _ = child.kill();
+}
+
+/// After a launched plugin exited: SIGKILLs what is left of its process group (children it
+/// left behind).
+fn kill_leftovers(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
 }
 
 /// A pidfd for process `pid`: readable once it exits. `Ok(None)` when the kernel has none
@@ -261,7 +285,7 @@ impl Thread {
                 if p.kill_at.is_some_and(|t| t <= now) {
                     p.kill_at = None;
                     if let Some(c) = p.child.as_mut() {
-                        let _ = c.kill();
+                        kill_group(c);
                         if let Some(killed) = self.shutting_down.as_mut() {
                             killed.push(p.id.clone());
                         }
@@ -330,6 +354,9 @@ impl Thread {
                 continue;
             };
             let p = self.procs.swap_remove(k);
+            if p.child.is_some() {
+                kill_leftovers(p.pid);
+            }
             let _ = self.reports.send(Report::Exited {
                 slot: p.slot,
                 generation: p.generation,
@@ -407,7 +434,7 @@ impl Thread {
                     .max_by_key(|p| p.generation)
                 {
                     if let Some(c) = p.child.as_mut() {
-                        let _ = c.kill();
+                        kill_group(c);
                     }
                 }
             }
@@ -458,7 +485,8 @@ impl Thread {
                 pid: None,
             });
         }
-        let mut child = launch::spawn(cfg, &opened.env, opened.inherit, boot_id).map_err(launch_error)?;
+        let mut child =
+            launch::spawn(cfg, &opened.env, opened.inherit, boot_id, self.max_output_line).map_err(launch_error)?;
         let pid = child.id();
         match pidfd_of(pid) {
             Ok(pidfd) => self.procs.push(Proc {
@@ -472,7 +500,7 @@ impl Thread {
             }),
             Err(e) => {
                 // Without a pidfd the process cannot be watched: do not leave it unwatched.
-                let _ = child.kill();
+                kill_group(&mut child);
                 let _ = child.wait();
                 return Err(launch_error(e.into()));
             }
@@ -490,7 +518,7 @@ impl Thread {
     fn kill_all(&mut self) {
         for mut p in self.procs.drain(..) {
             if let Some(c) = p.child.as_mut() {
-                let _ = c.kill();
+                kill_group(c);
                 let _ = c.wait();
             }
         }
@@ -744,14 +772,25 @@ impl Host {
                 pid: peer.pid,
             });
         }
-        let stale = peer.heartbeat_age_ns > self.settings.heartbeat_timeout_ms * 1_000_000;
+        let age_ms = peer.heartbeat_age_ns / 1_000_000;
+        if age_ms > self.settings.heartbeat_timeout_ms {
+            // Its process lives (the supervisor reports deaths on its own): it is wedged.
+            let reason = format!(
+                "wedged: no heartbeat for {age_ms} ms while its process is alive (host.heartbeat_timeout_ms = {})",
+                self.settings.heartbeat_timeout_ms
+            );
+            tracing::error!(plugin = %s.cfg.id, "{reason}");
+            self.disconnect(i, reason, true, now);
+            return;
+        }
+        let stale = age_ms > self.settings.slow_heartbeat_ms;
         let occupancy = link.occupancy().unwrap_or_default();
         let fill = occupancy.moves.max(occupancy.control);
         let slow_now = stale || fill > self.settings.slow_occupancy;
         if slow_now && !s.slow {
             s.stats.slow_reports += 1;
             let what = if stale {
-                format!("no heartbeat for {} ms", peer.heartbeat_age_ns / 1_000_000)
+                format!("no heartbeat for {age_ms} ms")
             } else {
                 format!("buffers {:.0}% full", fill * 100.0)
             };
@@ -771,6 +810,8 @@ fn short_reason(reason: &str) -> String {
     let r = reason.to_ascii_lowercase();
     for (needle, label) in [
         ("overflow", "overflow"),
+        ("quota exceeded", "quota"),
+        ("wedged", "wedged"),
         ("before its hello", "exited_before_hello"),
         ("no hello", "hello_timeout"),
         ("handshake refused", "refused"),

@@ -11,8 +11,9 @@
 //!
 //! Writes are reserve-then-commit: [`Producer::try_reserve`] lends the payload bytes inside the
 //! ring, an encoder writes straight into them, and [`Grant::commit`] publishes the frame with
-//! one `tail` store. Reads lend the payload in place ([`Frame::payload`]); dropping the frame
-//! releases it.
+//! one `tail` store. Reads either copy the payload out with raw-pointer copies
+//! ([`Frame::copy_to`], for a reader that does not trust the producer) or lend it in place
+//! ([`Frame::payload`], for one that does); dropping the frame releases it.
 //!
 //! Kind 0 is reserved (zeroed memory is never a frame) and [`PADDING`] is the ring's own;
 //! every other `u32` is free for the layers above.
@@ -468,18 +469,13 @@ impl Consumer {
                 .tracker
                 .read((off + HEADER as u64) / 8, u64::from(len).div_ceil(8));
             // SAFETY: off + total <= capacity (checked just above against `contiguous`), so the
-            // payload lies inside the data area. It is below the acquired tail: the producer
-            // wrote it before publishing and does not reuse it until we release `head`.
-            let payload = unsafe {
-                std::slice::from_raw_parts(
-                    self.ring.data.as_ptr().add((off + HEADER as u64) as usize),
-                    len as usize,
-                )
-            };
+            // payload lies inside the data area (a pointer into it, no reference is formed).
+            let payload = unsafe { self.ring.data.as_ptr().add((off + HEADER as u64) as usize) };
             let next = self.head + total;
             return Ok(Some(Frame {
                 kind,
                 payload,
+                len: len as usize,
                 next,
                 consumer: self,
             }));
@@ -498,9 +494,20 @@ impl Consumer {
 }
 
 /// A frame lent in place by [`Consumer::try_read`]; released when dropped.
+///
+/// Its payload stays in the ring. Two ways to read it:
+/// - [`Frame::copy_to`] / [`Frame::copy_into`] copy it out with raw-pointer copies, never
+///   forming a Rust reference over ring memory. This is how a reader that does not trust the
+///   producer (the host, reading what plugins write) takes its bytes: a producer that breaks the
+///   protocol and rewrites a published frame changes at most the bytes copied, never memory
+///   the reader holds a `&[u8]` to.
+/// - [`Frame::payload`] lends the bytes in place, as `&[u8]`, for a reader that trusts the
+///   producer (a plugin reading its host's frames, in place, with no copy).
 pub struct Frame<'a> {
     kind: u32,
-    payload: &'a [u8],
+    /// First payload byte, inside the ring's data area.
+    payload: *const u8,
+    len: usize,
     next: u64,
     consumer: &'a mut Consumer,
 }
@@ -512,20 +519,62 @@ impl Frame<'_> {
         self.kind
     }
 
-    /// The payload, in place in the ring, 8-byte aligned.
-    ///
-    /// From an untrusted producer, prefer [`Frame::copy_to`]: a producer that breaks the
-    /// protocol could change these bytes while they are being decoded.
+    /// Payload length in bytes (at most half the ring's capacity).
     #[inline]
-    pub fn payload(&self) -> &[u8] {
-        self.payload
+    pub fn len(&self) -> usize {
+        self.len
     }
 
-    /// Copies the payload into `buf` (cleared first; its capacity is reused).
+    /// Whether the payload is empty.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The payload, in place in the ring, 8-byte aligned: the one place the ring lends a
+    /// reference to memory another process maps.
+    ///
+    /// The reference is sound while the producer keeps the ring protocol: it wrote these bytes
+    /// before publishing `tail`, and does not write them again until this frame is dropped
+    /// (which releases them). Only a reader that trusts its producer should use it (a plugin
+    /// reading its host's frames). A reader facing an untrusted producer (the host reading a
+    /// plugin's replies) copies with [`Frame::copy_to`] instead, since a producer that breaks
+    /// the protocol could change these bytes while they are borrowed.
+    #[inline]
+    pub fn payload(&self) -> &[u8] {
+        // SAFETY: `payload..payload + len` lies in the data area (checked in try_read), which
+        // lives as long as the consumer this frame borrows. The bytes are below the acquired
+        // tail and not released before this frame drops, so under the ring protocol nothing
+        // writes them while the slice lives (see the conditions above).
+        unsafe { std::slice::from_raw_parts(self.payload, self.len) }
+    }
+
+    /// Copies the payload into `buf` (cleared first; its capacity is reused, so no allocation
+    /// once it has grown to the largest frame) with a raw-pointer copy: no reference is formed
+    /// over the ring.
     #[inline]
     pub fn copy_to(&self, buf: &mut Vec<u8>) {
         buf.clear();
-        buf.extend_from_slice(self.payload);
+        buf.reserve(self.len);
+        // SAFETY: the source is `len` bytes inside the ring's data area (checked in try_read);
+        // the destination has room for `len` bytes (reserved above) and is our own allocation,
+        // so the two do not overlap. u8 has no invalid values, so whatever the producer wrote
+        // (even concurrently, breaking the protocol) is a valid value; set_len covers exactly
+        // the bytes just written.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.payload, buf.as_mut_ptr(), self.len);
+            buf.set_len(self.len);
+        }
+    }
+
+    /// Copies the payload into the start of `dst` with a raw-pointer copy (no reference over
+    /// the ring) and returns its length, or `None` (nothing copied) if `dst` is too short.
+    #[inline]
+    pub fn copy_into(&self, dst: &mut [u8]) -> Option<usize> {
+        let dst = dst.get_mut(..self.len)?;
+        // SAFETY: as in copy_to; `dst` is exactly `len` bytes of the caller's own memory.
+        unsafe { std::ptr::copy_nonoverlapping(self.payload, dst.as_mut_ptr(), self.len) };
+        Some(self.len)
     }
 }
 
@@ -533,5 +582,45 @@ impl Drop for Frame<'_> {
     #[inline]
     fn drop(&mut self) {
         self.consumer.release_to(self.next);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// The raw-pointer copies give back exactly the bytes pushed, for frames on either side of
+    /// the wrap (the second lap starts with a padding frame), and reuse the buffer.
+    #[test]
+    fn copies_equal_what_was_written_across_the_wrap() {
+        let (mut tx, mut rx) = channel(RegionRef::heap(region_size(256))).unwrap();
+        let mut buf = Vec::with_capacity(128);
+        let cap = buf.capacity();
+        let mut dst = [0u8; 128];
+        let mut wrapped = false;
+        for round in 0u8..40 {
+            // 40 bytes of payload, 48 in the ring: 256 is not a multiple of 48, so the frames
+            // fall on every offset and some need a padding frame before them.
+            let payload: Vec<u8> = (0..40).map(|i| round.wrapping_mul(31).wrapping_add(i)).collect();
+            let before = tx.ring.offset(tx.tail);
+            tx.try_push(u32::from(round) + 1, &payload).unwrap();
+            wrapped |= before + frame_size(payload.len()) as u64 > 256;
+            let f = rx.try_read().unwrap().expect("a frame");
+            assert_eq!(f.kind(), u32::from(round) + 1);
+            assert_eq!((f.len(), f.is_empty()), (40, false));
+            f.copy_to(&mut buf);
+            assert_eq!(buf, payload, "round {round}");
+            assert_eq!(f.copy_into(&mut dst), Some(40));
+            assert_eq!(&dst[..40], &payload[..]);
+            assert_eq!(f.copy_into(&mut dst[..39]), None, "a short destination is refused");
+            assert_eq!(f.payload(), &payload[..]);
+        }
+        assert!(wrapped, "no frame needed a padding frame");
+        assert_eq!(buf.capacity(), cap, "the buffer was reallocated");
+        // An empty frame copies to an empty buffer.
+        tx.try_push(3, &[]).unwrap();
+        let f = rx.try_read().unwrap().expect("a frame");
+        f.copy_to(&mut buf);
+        assert!(buf.is_empty() && f.is_empty());
     }
 }

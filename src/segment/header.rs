@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! line 0-1  Fixed:   magic, layout version, header size, segment size, creator pid and start
-//!                    time, creation time, tag, ring descriptors (offset, capacity, unit, kind)
+//!                    time, creation time, tag, ring descriptors (offset, capacity, unit, kind),
+//!                    creator's pid namespace
 //! line 2    Shared:  attacher pid, state word
 //! line 3    creator heartbeat (CLOCK_MONOTONIC ns)
 //! line 4    attacher heartbeat
@@ -109,6 +110,9 @@ pub struct Fixed {
     pub tag: [u8; TAG_LEN],
     /// Ring descriptors.
     pub rings: [RingDesc; MAX_RINGS],
+    /// The inode of the creator's pid namespace (`/proc/self/ns/pid`), 0 if unknown: a process
+    /// in the same namespace can trust `creator_pid`; in another, only the heartbeat.
+    pub creator_pidns: u64,
 }
 
 /// Fields either side updates.
@@ -158,7 +162,8 @@ pub struct Header {
 const _: () = {
     use crate::ring::LINE;
     use std::mem::{offset_of, size_of};
-    assert!(size_of::<Fixed>() == 112 + MAX_RINGS * 24);
+    assert!(size_of::<Fixed>() == 120 + MAX_RINGS * 24);
+    assert!(size_of::<Fixed>() <= 2 * LINE);
     assert!(size_of::<RingDesc>() == 24);
     assert!(offset_of!(Header, fixed) == 0);
     assert!(offset_of!(Header, shared) == 2 * LINE);

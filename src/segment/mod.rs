@@ -505,6 +505,7 @@ impl Segment {
                 .map_or(0, |d| d.as_millis() as u64),
             tag: tag_bytes,
             rings: ring_array,
+            creator_pidns: stale::own_pid_namespace(),
         };
         let hdr = Header {
             fixed: crate::ring::Line(fixed),

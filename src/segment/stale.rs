@@ -1,5 +1,20 @@
 //! Finding plugbus segments on this machine, telling whether their processes are alive, and
 //! removing the ones whose creator is dead.
+//!
+//! **Liveness.** A pid alone proves little: pids are recycled, and a segment in `/dev/shm` may
+//! have been made by a host in another pid namespace (another container sharing the same
+//! `/dev/shm`). So [`pid_alive`] takes a pidfd for the pid first (where the kernel has them),
+//! then reads the process's start time from `/proc` and compares it with the one the creator
+//! wrote in the header (`creator_start`), then checks that the pidfd has not signalled an exit:
+//! the start time read belongs to the process the pidfd holds, not to a newcomer with the same
+//! pid. The creator also records its pid namespace (`creator_pidns`): a creator in another
+//! namespace (a host in another container sharing `/dev/shm`) wrote a pid that means nothing
+//! here, so its segment counts as alive while its heartbeat is recent
+//! ([`FOREIGN_HEARTBEAT_FRESH`]), and is removed only after the heartbeat stopped. So does a
+//! creator of unknown namespace whose pid does not exist for us.
+//!
+//! Cleanup never unlinks a segment whose creator is alive, and checks just before unlinking
+//! that the name still designates the file it inspected.
 
 use std::path::Path;
 
@@ -57,16 +72,111 @@ pub fn process_start_ticks(pid: u32) -> Option<u64> {
     proc_stat(pid).map(|(start, _)| start)
 }
 
-/// Whether `pid` is a live (non-zombie) process; if `start_ticks` is non-zero, it must also have
-/// that start time (so a recycled pid does not count as alive).
+/// What this process can tell about a pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// A running process with that pid (and that start time, if one was given).
+    Alive,
+    /// The process exited (a zombie counts), or the pid now belongs to another process (another
+    /// start time).
+    Dead,
+    /// No process has that pid in this pid namespace: it exited, or it lives in another
+    /// namespace (a host in another container sharing `/dev/shm`).
+    NotVisible,
+}
+
+/// Whether the pidfd has signalled its process's exit (readable), without waiting.
+fn pidfd_exited(fd: &std::os::fd::OwnedFd) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+    loop {
+        match poll(&mut fds, Some(&zero)) {
+            Ok(n) => return n > 0,
+            Err(rustix::io::Errno::INTR) => {}
+            // Cannot tell: the /proc reading stands.
+            Err(_) => return false,
+        }
+    }
+}
+
+/// What can be told of `pid`; if `start_ticks` is non-zero, the process must also have that
+/// start time to be [`Liveness::Alive`]. Allocates nothing (see [`proc_stat`]).
+pub fn liveness(pid: u32, start_ticks: u64) -> Liveness {
+    let Some(raw) = rustix::process::Pid::from_raw(pid as i32).filter(|_| pid <= i32::MAX as u32) else {
+        return Liveness::Dead;
+    };
+    // The pidfd first: it holds this very process, so a pid recycled while we read /proc is
+    // seen (the pidfd of an exited process is readable).
+    let pidfd = match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => Some(fd),
+        Err(rustix::io::Errno::SRCH) => return Liveness::NotVisible,
+        // No pidfds here (ENOSYS before Linux 5.3), or not allowed: /proc alone.
+        Err(_) => None,
+    };
+    let (start, zombie) = match proc_stat(pid) {
+        Some(s) => s,
+        // Gone between the two calls, or no /proc: the pidfd (if any) decides.
+        // A live pidfd without a readable /proc entry (hidepid) cannot have its start time
+        // checked: count it alive, since a live host's segment must never be removed.
+        None => {
+            return match &pidfd {
+                Some(fd) if pidfd_exited(fd) => Liveness::Dead,
+                Some(_) => Liveness::Alive,
+                None => Liveness::NotVisible,
+            };
+        }
+    };
+    if zombie || (start_ticks != 0 && start != start_ticks) {
+        return Liveness::Dead;
+    }
+    match &pidfd {
+        // It exited after we read its start time: a newer process may have the pid now.
+        Some(fd) if pidfd_exited(fd) => Liveness::Dead,
+        _ => Liveness::Alive,
+    }
+}
+
+/// Whether `pid` is a live (non-zombie) process in this pid namespace; if `start_ticks` is
+/// non-zero, it must also have that start time (so a recycled pid does not count as alive).
 pub fn pid_alive(pid: u32, start_ticks: u64) -> bool {
-    if pid == 0 || pid > i32::MAX as u32 {
-        return false;
+    liveness(pid, start_ticks) == Liveness::Alive
+}
+
+/// How recent the creator's heartbeat must be for a creator whose pid this process cannot see
+/// (a host in another pid namespace) to count as alive. Hosts beat every tick.
+pub const FOREIGN_HEARTBEAT_FRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The inode of this process's pid namespace (`/proc/self/ns/pid`), 0 if unknown. Two
+/// processes see the same pids exactly when these are equal. Read once.
+pub fn own_pid_namespace() -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    static NS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *NS.get_or_init(|| std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino()))
+}
+
+/// Whether a segment's creator counts as alive, from its header: its pid and start time if it
+/// lives in our pid namespace; its heartbeat if it lives in another one (the pid it wrote
+/// means nothing here), or if its namespace is unknown and its pid is not visible here.
+fn creator_alive(pid: u32, start_ticks: u64, pidns: u64, heartbeat: u64, now: u64) -> bool {
+    let ours = own_pid_namespace();
+    let same_ns = pidns != 0 && pidns == ours;
+    if pidns != 0 && ours != 0 && !same_ns {
+        return fresh(heartbeat, now);
     }
-    match proc_stat(pid) {
-        Some((start, zombie)) => !zombie && (start_ticks == 0 || start == start_ticks),
-        None => false,
+    match liveness(pid, start_ticks) {
+        Liveness::Alive => true,
+        Liveness::Dead => false,
+        // In our namespace: gone. Unknown namespace: perhaps another container's host, alive
+        // while it beats.
+        Liveness::NotVisible => !same_ns && fresh(heartbeat, now),
     }
+}
+
+/// Whether a heartbeat (CLOCK_MONOTONIC ns) was written within [`FOREIGN_HEARTBEAT_FRESH`] of
+/// `now` (either way: a clock a little ahead is still fresh; 0 means never).
+fn fresh(heartbeat: u64, now: u64) -> bool {
+    heartbeat != 0 && now.abs_diff(heartbeat) < FOREIGN_HEARTBEAT_FRESH.as_nanos() as u64
 }
 
 /// What `plugbus inspect` shows of one segment.
@@ -82,6 +192,8 @@ pub struct SegmentInfo {
     pub creator_pid: u32,
     /// Whether the creator is alive.
     pub creator_alive: bool,
+    /// The creator's pid namespace (inode; 0 if unknown): `creator_pid` is a pid there.
+    pub creator_pidns: u64,
     /// Attacher pid, 0 if none.
     pub attacher_pid: u32,
     /// Whether the attacher is alive.
@@ -132,6 +244,7 @@ pub fn inspect(name: &str) -> SegmentInfo {
         tag: String::new(),
         creator_pid: 0,
         creator_alive: false,
+        creator_pidns: 0,
         attacher_pid: 0,
         attacher_alive: false,
         state: 0,
@@ -153,7 +266,12 @@ pub fn inspect(name: &str) -> SegmentInfo {
                 // Count it as alive while it is young, so cleanup never races a creation.
                 young(name)
             } else {
-                pid_alive(info.creator_pid, 0)
+                match liveness(info.creator_pid, 0) {
+                    Liveness::Alive => true,
+                    Liveness::Dead => false,
+                    // Another namespace's creator (or a dead one): alive while the file is young.
+                    Liveness::NotVisible => young(name),
+                }
             };
             info.error = Some(e.to_string());
         }
@@ -169,7 +287,14 @@ fn fill(info: &mut SegmentInfo, seg: &Segment) {
     let tag_end = f.tag.iter().position(|&b| b == 0).unwrap_or(f.tag.len());
     info.tag = String::from_utf8_lossy(&f.tag[..tag_end]).into_owned();
     info.creator_pid = f.creator_pid;
-    info.creator_alive = pid_alive(f.creator_pid, f.creator_start);
+    info.creator_pidns = f.creator_pidns;
+    info.creator_alive = creator_alive(
+        f.creator_pid,
+        f.creator_start,
+        f.creator_pidns,
+        h.creator_heartbeat.load(Ordering::Relaxed),
+        now,
+    );
     info.attacher_pid = h.shared.attacher_pid.load(Ordering::Acquire);
     info.attacher_alive = pid_alive(info.attacher_pid, 0);
     info.state = h.shared.state.load(Ordering::Acquire);
@@ -213,12 +338,45 @@ pub fn list() -> std::io::Result<Vec<SegmentInfo>> {
 /// live creators are never touched.
 pub fn remove_stale() -> std::io::Result<Vec<String>> {
     let mut removed = Vec::new();
-    for info in list()? {
-        if info.is_stale() && Segment::unlink(&info.name).is_ok() {
-            removed.push(info.name);
+    for name in list_names()? {
+        if remove_if_stale(&name) {
+            removed.push(name);
         }
     }
     Ok(removed)
+}
+
+/// Removes segment `name` if its creator is dead (see [`inspect`]); returns whether it did.
+/// The name is unlinked only if it still designates the file inspected, so a segment a live
+/// host has just created under the same name is left alone.
+pub fn remove_if_stale(name: &str) -> bool {
+    let Some(before) = file_id(name) else {
+        return false;
+    };
+    if !inspect(name).is_stale() {
+        return false;
+    }
+    file_id(name) == Some(before) && Segment::unlink(name).is_ok()
+}
+
+/// The (device, inode) of segment `name`'s file.
+fn file_id(name: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(Path::new(SHM_DIR).join(name)).ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+/// Who holds segment `name`, for a creator about to take the name over (an attach-mode host
+/// reusing its fixed name): `Some(pid)` if the segment exists and its creator is a live process
+/// other than this one (`Some(0)` for a file without a pid yet, made moments ago: a creator
+/// between `shm_open` and its header). `None` if there is no such segment, or its creator is
+/// dead, or it is this process (an earlier incarnation of the same plugin's link).
+pub fn live_owner(name: &str) -> Option<u32> {
+    file_id(name)?;
+    let info = inspect(name);
+    let mine = info.creator_pid == std::process::id()
+        && (info.creator_pidns == 0 || info.creator_pidns == own_pid_namespace());
+    (info.creator_alive && !mine).then_some(info.creator_pid)
 }
 
 /// `true` if `e` means "no such segment".

@@ -286,9 +286,23 @@ impl Acceptor for ShmAcceptor {
         let name = match request.address {
             Some(a) => {
                 let name = segment_name(without_scheme(a)).map_err(OpenError)?;
-                // A fixed name left behind by an earlier run of this host, or by the previous
-                // incarnation of this plugin: remove it.
-                let _ = Segment::unlink(name);
+                // A fixed name left behind by a dead host, or by the previous incarnation of
+                // this plugin (made by this process): remove it. A live host's: refuse.
+                match stale::live_owner(name) {
+                    None => {
+                        let _ = Segment::unlink(name);
+                    }
+                    Some(0) => {
+                        return Err(OpenError(format!(
+                            "segment {name} is being created by another process right now; is another host configured with the same address?"
+                        )));
+                    }
+                    Some(pid) => {
+                        return Err(OpenError(format!(
+                            "segment {name} belongs to live process {pid} (another plugbus host?); stop it or give this plugin another address"
+                        )));
+                    }
+                }
                 name.to_owned()
             }
             None => segment::unique_name(request.plugin_id),
@@ -312,7 +326,14 @@ pub struct ShmHostLink {
     moves: frame::Producer,
     control: frame::Producer,
     replies: frame::Consumer,
+    /// Where each reply is copied before the host looks at it (plugin memory is never read
+    /// through a reference); grows to the largest reply, then is reused.
+    scratch: Vec<u8>,
 }
+
+/// Bytes reserved for [`ShmHostLink`]'s scratch buffer up front (it grows past this once, to
+/// the largest reply seen).
+const SCRATCH_RESERVED: usize = 4096;
 
 impl std::fmt::Debug for ShmHostLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -349,6 +370,7 @@ impl ShmHostLink {
             replies: frame::Consumer::attach(ring(RING_REPLIES)).map_err(bad(RING_REPLIES))?,
             address: format!("{SCHEME}:{}", segment.name()),
             segment,
+            scratch: Vec::with_capacity(SCRATCH_RESERVED),
         })
     }
 
@@ -406,6 +428,9 @@ impl HostLink for ShmHostLink {
         self.segment.header().to_attacher.ring()
     }
 
+    /// Each reply is copied out of the ring (raw-pointer copy, [`frame::Frame::copy_to`]) into
+    /// the link's scratch buffer, released, and only then handed to `f`: the plugin may write
+    /// its ring at any time, and nothing the host decodes is memory the plugin can change.
     fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, LinkError> {
         let mut n = 0;
         while n < max {
@@ -420,7 +445,9 @@ impl HostLink for ShmHostLink {
                     frame.kind()
                 )));
             }
-            f(frame.payload());
+            frame.copy_to(&mut self.scratch);
+            drop(frame);
+            f(&self.scratch);
             n += 1;
         }
         Ok(n)

@@ -121,31 +121,31 @@ fn the_plugin_loop_ends_with_host_died_when_the_host_is_killed() {
     let _serial = serial();
     let dir = Scratch::new("host-killed");
     let (host_report, plugin_report) = (dir.file("host.txt"), dir.file("plugin.txt"));
-    let mut host = spawn_host_child(
-        "killed",
-        &host_report,
-        &[(HOST_PLUGIN_REPORT, plugin_report.to_str().unwrap())],
-    );
-    // Wait for the host's report and the plugin's handshake.
+    let mut host = spawn_host_child("killed", &host_report, &[]);
+    // Wait for the host's report, start the plugin at its segment, wait for its handshake.
     let deadline = Instant::now() + STALL;
     let lines = loop {
         let lines = read_lines(&host_report);
-        if lines.iter().any(|l| l == "ready") && read_lines(&plugin_report).iter().any(|l| l.starts_with("start")) {
+        if lines.iter().any(|l| l == "ready") {
             break lines;
         }
         assert!(!lines.iter().any(|l| l.starts_with("error")), "{lines:?}");
         assert!(Instant::now() < deadline, "the child host did not start: {lines:?}");
         std::thread::sleep(Duration::from_millis(5));
     };
-    let field = |key: &str| {
-        lines
-            .iter()
-            .find_map(|l| l.strip_prefix(key))
-            .unwrap_or_else(|| panic!("no {key} in {lines:?}"))
-            .to_owned()
-    };
-    let plugin = PidGuard(field("pid ").parse().expect("pid"));
-    let _segments = SegmentGuard(vec![field("seg ")]);
+    let seg = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("seg "))
+        .unwrap_or_else(|| panic!("no seg in {lines:?}"))
+        .to_owned();
+    let _segments = SegmentGuard(vec![seg.clone()]);
+    let mut plugin_proc = spawn_attached_plugin(&format!("shm:{seg}"), "orphan", &plugin_report);
+    let plugin_pid = plugin_proc.0.as_ref().expect("spawned").id();
+    let plugin = PidGuard(plugin_pid);
+    while !read_lines(&plugin_report).iter().any(|l| l.starts_with("start")) {
+        assert!(Instant::now() < deadline, "the attached plugin did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert!(plugin.alive());
     // Let the plugin receive some ticks, then kill the host under it.
     let until = Instant::now() + STALL;
@@ -168,7 +168,11 @@ fn the_plugin_loop_ends_with_host_died_when_the_host_is_killed() {
     };
     assert!(result.starts_with("result err HostDied"), "{result}");
     let until = Instant::now() + STALL;
-    while plugin.alive() {
+    loop {
+        let exited = plugin_proc.0.as_mut().expect("spawned").try_wait().expect("wait");
+        if exited.is_some() {
+            break;
+        }
         assert!(Instant::now() < until, "the plugin process did not exit");
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -359,9 +359,9 @@ impl Handler for Recorder<'_> {
 ///
 /// - `stale`: starts a host with two attached plugins (no process), reports `seg <name>` for
 ///   each segment, and idles until killed;
-/// - `killed`: starts a host with one launched plugin ([`plugin_child`], recording moves and
-///   events into [`HOST_PLUGIN_REPORT`]), reports `pid <plugin pid>` and `seg <name>`, and
-///   publishes a tick every 5 ms until killed.
+/// - `killed`: starts a host with one attached plugin slot (`orphan`; the test starts the
+///   plugin with [`spawn_attached_plugin`]), reports `seg <name>`, and publishes a tick every
+///   5 ms until killed.
 ///
 /// Either gives up by itself after two minutes, so it never outlives a broken test for long.
 #[test]
@@ -377,15 +377,10 @@ fn host_child() {
         .expect("open the host report");
     let plugins = match role.as_str() {
         "stale" => vec![PluginConfig::attached("stale_a"), PluginConfig::attached("stale_b")],
-        "killed" => {
-            let plugin_report = PathBuf::from(std::env::var(HOST_PLUGIN_REPORT).expect("plugin report"));
-            vec![
-                child_plugin("orphan", "handler", &plugin_report)
-                    .env(SUBSCRIBE, "PLAYER_MOVE,PLAYER_JUMP")
-                    .env(RECORD_MOVES, "1")
-                    .required(true),
-            ]
-        }
+        // Attached, so that its process is the test's child, not the host's: a plugin the host
+        // launched would be killed by the kernel with its host (PR_SET_PDEATHSIG) before its
+        // loop could see the host die. The test starts it with [`spawn_attached_plugin`].
+        "killed" => vec![PluginConfig::attached("orphan")],
         other => panic!("unknown host role {other}"),
     };
     let ids: Vec<String> = plugins.iter().map(|p| p.id.clone()).collect();
@@ -425,6 +420,26 @@ fn host_child() {
         }
     }
     std::process::exit(2);
+}
+
+/// Starts this test binary as a child plugin (`handler` mode, recording moves) attached at
+/// `address`, reporting into `report`: a process of this test, not of the host.
+pub fn spawn_attached_plugin(address: &str, id: &str, report: &Path) -> ChildGuard {
+    let exe = std::env::current_exe().expect("path of the test binary");
+    let child = Command::new(exe)
+        .args(["--exact", "common::plugin_child", "--nocapture", "--test-threads=1"])
+        .env(ENV_ADDRESS, address)
+        .env(plugbus::host::ENV_PLUGIN_ID, id)
+        .env(MODE, "handler")
+        .env(REPORT, report)
+        .env(SUBSCRIBE, "PLAYER_MOVE,PLAYER_JUMP")
+        .env(RECORD_MOVES, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the attached plugin");
+    ChildGuard(Some(child))
 }
 
 /// Starts this test binary as a child host in `role`, reporting into `report`.

@@ -403,13 +403,7 @@ fn loadtest_cmd(a: &LoadArgs) -> Result<(), String> {
         lean: false,
         sample_resources: false,
     };
-    let pb = demo::progress_bar(spec.seconds, spec.tps);
-    let (mut report, host) = loadtest::run(&spec, |p| demo::show_progress(&pb, p))?;
-    pb.finish_and_clear();
-    drop(host);
-    let leaks = soak::leaks();
-    report.segments_left = Some(leaks.segments_left.len() as u64);
-    report.memfds_left = Some(leaks.memfds_left);
+    let (mut report, _) = run_and_count_leaks(&spec)?;
     report.wait = format!("{wait:?}");
     loadtest::print(&report);
     if let Some(path) = &a.json {
@@ -422,6 +416,19 @@ fn loadtest_cmd(a: &LoadArgs) -> Result<(), String> {
         println!("  plot                      {}", path.display());
     }
     Ok(())
+}
+
+/// Runs the load with a progress line, shuts the host down, and records in the report what the
+/// host left behind (segments in /dev/shm, memfds still open); returns that too.
+fn run_and_count_leaks(spec: &loadtest::LoadSpec) -> Result<(loadtest::LoadReport, soak::Leaks), String> {
+    let pb = demo::progress_bar(spec.seconds, spec.tps);
+    let (mut report, host) = loadtest::run(spec, |p| demo::show_progress(&pb, p))?;
+    pb.finish_and_clear();
+    drop(host);
+    let leaks = soak::leaks();
+    report.segments_left = Some(leaks.segments_left.len() as u64);
+    report.memfds_left = Some(leaks.memfds_left);
+    Ok((report, leaks))
 }
 
 fn soak_cmd(a: &SoakArgs) -> Result<(), String> {
@@ -465,13 +472,7 @@ fn soak_cmd(a: &SoakArgs) -> Result<(), String> {
         lean: true,
         sample_resources: true,
     };
-    let pb = demo::progress_bar(spec.seconds, spec.tps);
-    let (mut report, host) = loadtest::run(&spec, |p| demo::show_progress(&pb, p))?;
-    pb.finish_and_clear();
-    drop(host);
-    let leaks = soak::leaks();
-    report.segments_left = Some(leaks.segments_left.len() as u64);
-    report.memfds_left = Some(leaks.memfds_left);
+    let (mut report, leaks) = run_and_count_leaks(&spec)?;
     report.wait = format!("{wait:?}");
     let mut summary = soak::summarize(&report.resource_samples, a.warmup, a.max_growth);
     if report.critical_lost > 0 {

@@ -65,6 +65,11 @@ macro_rules! atomic_int {
             pub fn fetch_sub(&self, v: $int, order: Ordering) -> $int {
                 self.0.fetch_sub(v, order)
             }
+            /// Bitwise-ors `v` into the value, returning the previous value.
+            #[inline]
+            pub fn fetch_or(&self, v: $int, order: Ordering) -> $int {
+                self.0.fetch_or(v, order)
+            }
             /// Stores the maximum of the current value and `v`, returning the previous value.
             #[inline]
             pub fn fetch_max(&self, v: $int, order: Ordering) -> $int {

@@ -102,6 +102,8 @@ pub struct LoadReport {
     pub critical_out_of_order: u64,
     /// The host's plugbus work per tick (publish, dispatch, end_tick), ns.
     pub host_tick_ns: Pcts,
+    /// That time split into its parts (see [`TickSplit`]).
+    pub host_tick_split: TickSplit,
     /// A move frame's publish (its ring tail store) to the plugin's handler seeing it, ns.
     pub publish_to_observe_ns: Pcts,
     /// The start of `end_tick` (which copies the staged moves into each plugin's ring) to the
@@ -125,6 +127,11 @@ pub struct LoadReport {
     /// Futex wake-ups the host sent to sleeping plugins (whole run, summed over plugins): the
     /// part of the tick's cost that a plugin's wait strategy decides.
     pub doorbell_wakeups: u64,
+    /// Of those, how many the tick thread handed to the host's wake thread (the tick thread
+    /// made the others itself), and the wake thread's windows: opened, and used by a tick.
+    pub wakeups_handed_over: u64,
+    pub wake_windows: u64,
+    pub wake_windows_used: u64,
     /// With `--chaos`: what chaos did, and the critical events lost by surviving plugins.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chaos: Option<ChaosReport>,
@@ -141,6 +148,25 @@ pub struct LoadReport {
     pub samples: Samples,
 }
 
+/// The host's cost per tick in parts, each a distribution over the measured ticks, ns (from
+/// [`Host::last_tick_cost`]). `other` is the tick's wall time minus the four parts: the
+/// calls' own bookkeeping, the clock reads, and any time the thread was not running. `on_cpu`
+/// is the tick thread's CPU time over the same span (`CLOCK_THREAD_CPUTIME_ID`): wall time
+/// well above it means the thread waited for a CPU, not that plugbus worked.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct TickSplit {
+    pub encode_ns: Pcts,
+    pub write_ns: Pcts,
+    pub wake_ns: Pcts,
+    pub poll_ns: Pcts,
+    pub other_ns: Pcts,
+    pub on_cpu_ns: Pcts,
+    /// Ticks that sent at least one wake-up, and their cost per tick.
+    pub ticks_with_wakeups: u64,
+    pub tick_with_wakeups_ns: Pcts,
+    pub tick_without_wakeups_ns: Pcts,
+}
+
 /// Latency samples for plotting.
 #[derive(Debug, Clone, Default)]
 pub struct Samples {
@@ -149,6 +175,14 @@ pub struct Samples {
     pub observe_events: Hist,
     pub rtt: Hist,
     pub tick: Hist,
+    pub encode: Hist,
+    pub write: Hist,
+    pub wake: Hist,
+    pub poll: Hist,
+    pub other: Hist,
+    pub on_cpu: Hist,
+    pub tick_woke: Hist,
+    pub tick_quiet: Hist,
 }
 
 /// The plugin killed during the run.
@@ -353,6 +387,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
             }
         }
         let allocs_before = alloc_count();
+        let cpu_before = thread_cpu_ns();
         let started = Instant::now();
         let mut tick = host.begin_tick();
         let tick_no = tick.number();
@@ -377,6 +412,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
         let published = monotonic_ns();
         tick.end();
         let cost = started.elapsed();
+        let on_cpu = thread_cpu_ns().saturating_sub(cpu_before);
         let allocs = alloc_count() - allocs_before;
         if let Some(c) = &mut chaos {
             for env in out.events.iter().filter(|e| is_critical(e.r#type)).chain(&out.requests) {
@@ -399,7 +435,22 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
         offered_events += (out.events.len() + out.requests.len()) as u64;
         window_events += n_events;
         if steady {
-            report.samples.tick.record(cost.as_nanos() as u64);
+            let wall = cost.as_nanos() as u64;
+            report.samples.tick.record(wall);
+            let c = host.last_tick_cost();
+            let sm = &mut report.samples;
+            sm.encode.record(c.encode_ns);
+            sm.write.record(c.write_ns);
+            sm.wake.record(c.wake_ns);
+            sm.poll.record(c.poll_ns);
+            sm.other
+                .record(wall.saturating_sub(c.encode_ns + c.write_ns + c.wake_ns + c.poll_ns));
+            sm.on_cpu.record(on_cpu);
+            if c.wakeups > 0 {
+                sm.tick_woke.record(wall);
+            } else {
+                sm.tick_quiet.record(wall);
+            }
             steady_allocs += allocs;
             steady_offered += n_events;
         }
@@ -513,6 +564,9 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
         }
     }
     report.doorbell_wakeups = metrics.plugins.values().map(|p| p.wakeups).sum();
+    report.wakeups_handed_over = metrics.plugins.values().map(|p| p.wakeups_handed_over).sum();
+    report.wake_windows = metrics.host.wake_windows;
+    report.wake_windows_used = metrics.host.wake_windows_used;
     report.host_allocs_per_event = if steady_offered > 0 {
         steady_allocs as f64 / steady_offered as f64
     } else {
@@ -600,7 +654,25 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     report.end_tick_to_observe_ns = Pcts::of(&report.samples.observe_from_end_tick);
     report.publish_to_observe_events_ns = Pcts::of(&report.samples.observe_events);
     report.reply_rtt_ns = Pcts::of(&report.samples.rtt);
+    let sm = &report.samples;
+    report.host_tick_split = TickSplit {
+        encode_ns: Pcts::of(&sm.encode),
+        write_ns: Pcts::of(&sm.write),
+        wake_ns: Pcts::of(&sm.wake),
+        poll_ns: Pcts::of(&sm.poll),
+        other_ns: Pcts::of(&sm.other),
+        on_cpu_ns: Pcts::of(&sm.on_cpu),
+        ticks_with_wakeups: sm.tick_woke.count(),
+        tick_with_wakeups_ns: Pcts::of(&sm.tick_woke),
+        tick_without_wakeups_ns: Pcts::of(&sm.tick_quiet),
+    };
     Ok((report, host))
+}
+
+/// CPU time this thread has used, ns.
+fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 /// Sleeps until `deadline`: a coarse sleep, then a short spin for the last stretch.
@@ -666,12 +738,35 @@ pub fn print(r: &LoadReport) {
         r.doorbell_wakeups,
         r.doorbell_wakeups as f64 / (r.ticks.max(1) * r.plugins.max(1) as u64) as f64
     );
+    if r.wake_windows > 0 || r.wakeups_handed_over > 0 {
+        println!(
+            "    handed to the wake thread {} wake requests; its windows {} opened, {} met by a tick's end",
+            r.wakeups_handed_over, r.wake_windows, r.wake_windows_used
+        );
+    }
     println!("  critical out of order     {}", r.critical_out_of_order);
     println!(
         "  host cost per tick        p50 {}  p99 {}  max {}",
         us(r.host_tick_ns.p50),
         us(r.host_tick_ns.p99),
         us(r.host_tick_ns.max)
+    );
+    let t = &r.host_tick_split;
+    let part = |name: &str, p: &Pcts| println!("    {name:<23} p50 {}  p99 {}", us(p.p50), us(p.p99));
+    part("encode", &t.encode_ns);
+    part("writes to links", &t.write_ns);
+    part("wake-ups", &t.wake_ns);
+    part("reading replies", &t.poll_ns);
+    part("other", &t.other_ns);
+    part("on CPU", &t.on_cpu_ns);
+    println!(
+        "    ticks that woke a plugin {} of {}: p50 {}  p99 {}; the others p50 {}  p99 {}",
+        t.ticks_with_wakeups,
+        r.host_tick_ns.count,
+        us(t.tick_with_wakeups_ns.p50),
+        us(t.tick_with_wakeups_ns.p99),
+        us(t.tick_without_wakeups_ns.p50),
+        us(t.tick_without_wakeups_ns.p99)
     );
     println!(
         "  publish -> observe moves  p50 {}  p99 {}  p99.9 {}",

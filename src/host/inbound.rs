@@ -263,7 +263,9 @@ impl Host {
         let limit = self.settings.overflow_frames;
         let s = &mut self.slots[i];
         match s.send_message(msg, &mut self.pool, limit) {
-            Ok(SendOutcome::Sent | SendOutcome::Queued) => s.wake_if_dirty(),
+            Ok(SendOutcome::Sent | SendOutcome::Queued) => {
+                super::tick::wake_slot(s, i, self.waker.as_ref(), &mut self.cost);
+            }
             Ok(SendOutcome::Overflow) => {
                 let reason = overflow_reason(s, limit);
                 self.disconnect(i, reason, true, Instant::now());

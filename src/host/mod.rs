@@ -53,6 +53,7 @@ mod slot;
 pub mod stats;
 mod supervise;
 mod tick;
+mod waker;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -62,7 +63,7 @@ pub use launch::{ENV_ALLOWLIST, ENV_DF_HOST_BOOT_ID, ENV_DF_PLUGIN_ID, ENV_PLUGI
 pub use logsink::escape as escape_plugin_text;
 pub use pending::{Outcome, Pending, WAIT_SPIN};
 pub use slot::{EventSet, SlotState};
-pub use stats::{Hist, HostStats, MetricsSnapshot, PluginStats};
+pub use stats::{Hist, HostStats, MetricsSnapshot, PluginStats, TickCost};
 pub use tick::Tick;
 
 use crate::codec::{BatchLimits, BufferPool, PluginDecoder};
@@ -213,6 +214,10 @@ pub struct Host {
     decoder: PluginDecoder,
     supervisor: Supervisor,
     stats: HostStats,
+    /// The tick in progress's cost so far; the last tick's once it ended.
+    cost: TickCost,
+    /// The wake thread (`wake_thread` setting).
+    waker: Option<waker::Waker>,
     last_health: Instant,
     /// Writes every tick's moves and events (the `record` setting), and its scratch buffer.
     recorder: Option<crate::jsonl::Recorder>,
@@ -307,6 +312,12 @@ impl Host {
             decoder: PluginDecoder::default(),
             supervisor: Supervisor::start(transports, max_output_line).map_err(HostError::Supervisor)?,
             stats: HostStats::default(),
+            cost: TickCost::default(),
+            waker: if config.host.wake_thread {
+                Some(waker::Waker::start().map_err(HostError::Supervisor)?)
+            } else {
+                None
+            },
             last_health: Instant::now(),
             recorder,
             record_buf: Vec::new(),
@@ -495,13 +506,33 @@ impl Host {
         self.notices.pop_front()
     }
 
+    /// Where the last ended tick's time went (the tick in progress's so far, between
+    /// `begin_tick` and its end): encoding, writes to the links, wake-ups, reading replies.
+    pub fn last_tick_cost(&self) -> TickCost {
+        self.cost
+    }
+
     /// Counters and histograms.
     pub fn metrics(&self) -> MetricsSnapshot {
         let mut host = self.stats.clone();
         host.logs_dropped = self.log_sink.dropped();
+        if let Some(w) = &self.waker {
+            let ws = w.stats();
+            host.wake_windows = ws.windows;
+            host.wake_windows_used = ws.served_ticks;
+        }
         MetricsSnapshot {
             host,
-            plugins: self.slots.iter().map(|s| (s.cfg.id.clone(), s.stats.clone())).collect(),
+            plugins: self
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let mut stats = s.stats.clone();
+                    stats.wakeups += self.waker.as_ref().map_or(0, |w| w.woken(i));
+                    (s.cfg.id.clone(), stats)
+                })
+                .collect(),
             pool: self.pool.stats(),
         }
     }

@@ -371,15 +371,17 @@ impl Slot {
     }
 
     /// Wakes the plugin if anything was written since the last wake-up.
-    pub fn wake_if_dirty(&mut self) {
-        if self.dirty {
-            if let Some(link) = self.link.as_mut() {
-                if link.wake() {
-                    self.stats.wakeups += 1;
-                }
-            }
-            self.dirty = false;
-        }
+    /// Whether something was sent since the last call (the plugin may need a wake-up).
+    #[inline]
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Wakes the plugin if it sleeps; returns whether a wake-up was sent.
+    pub fn wake_now(&mut self) -> bool {
+        let woke = self.link.as_mut().is_some_and(|link| link.wake());
+        self.stats.wakeups += u64::from(woke);
+        woke
     }
 
     /// Publishes counters into the link (for `plugbus inspect`).

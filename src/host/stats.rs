@@ -72,6 +72,9 @@ pub struct PluginStats {
     pub batches: u64,
     /// Wake-ups sent to a sleeping plugin.
     pub wakeups: u64,
+    /// Wake-ups handed to the wake thread (the `wake_thread` setting) instead of made on the
+    /// tick thread; the wake thread's own system calls are in `wakeups`.
+    pub wakeups_handed_over: u64,
     /// Event results received in time.
     pub replies: u64,
     /// Event results that came after the deadline (or never).
@@ -86,6 +89,29 @@ pub struct PluginStats {
     pub reply_latency_ns: Hist,
     /// Events per batch frame.
     pub batch_events: Hist,
+}
+
+/// Where one tick's time went on the tick thread, ns (see [`super::Host::last_tick_cost`]).
+///
+/// Each part is measured with two clock reads around it; what the parts leave out of the
+/// tick's wall time is the caller's own work between the calls (building events), the clock
+/// reads themselves, and time the thread was not running.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TickCost {
+    /// Encoding events (once per event, whatever the number of plugins).
+    pub encode_ns: u64,
+    /// Handing frames to the links: immediate events, batches, move frames, heartbeats
+    /// (for shared memory, writes into the rings).
+    pub write_ns: u64,
+    /// Waking plugins that sleep (a system call each, only for a sleeping plugin).
+    pub wake_ns: u64,
+    /// Reading what plugins sent (replies, actions, logs) and the health checks, at the end
+    /// of the tick.
+    pub poll_ns: u64,
+    /// Wake-ups the tick thread sent itself (system calls).
+    pub wakeups: u32,
+    /// Wake-ups handed to the wake thread (no system call on the tick thread).
+    pub posted: u32,
 }
 
 /// Host-wide counters.
@@ -110,6 +136,11 @@ pub struct HostStats {
     pub encode_ns: Hist,
     /// Host-side cost of `end_tick` (flush, moves, wake-ups), ns.
     pub end_tick_ns: Hist,
+    /// Windows the wake thread opened around an expected tick end, and those that the tick's
+    /// end came into (the others closed on their own: the tick came late, or not at all).
+    pub wake_windows: u64,
+    /// See `wake_windows`.
+    pub wake_windows_used: u64,
 }
 
 impl Default for HostStats {
@@ -124,6 +155,8 @@ impl Default for HostStats {
             logs_dropped: 0,
             encode_ns: Hist::default(),
             end_tick_ns: Hist::default(),
+            wake_windows: 0,
+            wake_windows_used: 0,
         }
     }
 }

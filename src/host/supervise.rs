@@ -573,6 +573,9 @@ impl Host {
                     });
                     return;
                 }
+                if let Some(w) = &self.waker {
+                    w.set_handle(slot, link.wake_handle());
+                }
                 s.link = Some(link);
                 s.opened = true;
                 s.pid = pid;

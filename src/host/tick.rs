@@ -68,6 +68,7 @@ impl Host {
     /// Starts a tick. Publish moves and events on the returned [`Tick`], then end it (or drop it).
     pub fn begin_tick(&mut self) -> Tick<'_> {
         self.tick += 1;
+        self.cost = super::TickCost::default();
         Tick {
             host: self,
             ended: false,
@@ -144,6 +145,9 @@ impl Host {
         if !in_place {
             crate::codec::encode_body(env, &mut self.scratch);
         }
+        let encoded = Instant::now();
+        self.cost.encode_ns += nanos(encode_started, encoded);
+        let mut wake_ns = 0;
         self.stats.encoded += 1;
         let mut targets = if respond {
             self.target_pool.pop().unwrap_or_default()
@@ -167,13 +171,18 @@ impl Host {
                 Err(e) => failed.push((i, format!("link error: {e}"))),
             }
             if immediate {
-                s.wake_if_dirty();
+                let w = Instant::now();
+                wake_slot(s, i, self.waker.as_ref(), &mut self.cost);
+                wake_ns += nanos(w, Instant::now());
             }
             if respond {
                 targets.push(Target { slot: i, result: None });
             }
         }
-        self.stats.encode_ns.record(encode_started.elapsed().as_nanos() as u64);
+        let sent = Instant::now();
+        self.cost.wake_ns += wake_ns;
+        self.cost.write_ns += nanos(encoded, sent).saturating_sub(wake_ns);
+        self.stats.encode_ns.record(nanos(encode_started, sent));
         if respond {
             let now = Instant::now();
             self.pending.insert(
@@ -217,6 +226,7 @@ impl Host {
             if !s.is_ready() {
                 continue;
             }
+            let w = Instant::now();
             match s.flush_batch(&mut self.pool, limit) {
                 Ok(SendOutcome::Sent | SendOutcome::Queued) => {}
                 Ok(SendOutcome::Overflow) => {
@@ -234,19 +244,49 @@ impl Host {
                     continue;
                 }
             }
-            s.wake_if_dirty();
             if let Some(link) = s.link.as_mut() {
                 link.heartbeat();
             }
+            let written = Instant::now();
+            wake_slot(s, i, self.waker.as_ref(), &mut self.cost);
+            let done = Instant::now();
+            self.cost.write_ns += nanos(w, written);
+            self.cost.wake_ns += nanos(written, done);
+        }
+        if let Some(w) = self.waker.as_mut() {
+            w.end_tick(Instant::now());
         }
         self.moves.clear();
         for (i, reason) in failed {
             self.disconnect(i, reason, true, Instant::now());
         }
         self.stats.ticks += 1;
-        self.stats.end_tick_ns.record(started.elapsed().as_nanos() as u64);
+        let polled = Instant::now();
+        self.stats.end_tick_ns.record(nanos(started, polled));
         self.poll();
+        self.cost.poll_ns += nanos(polled, Instant::now());
     }
+}
+
+/// Wakes plugin `i` if something was sent to it since its last wake-up: through the wake
+/// thread while its window is open (no system call here), else on this thread.
+#[inline]
+pub(super) fn wake_slot(s: &mut Slot, i: usize, waker: Option<&super::waker::Waker>, cost: &mut super::TickCost) {
+    if !s.take_dirty() {
+        return;
+    }
+    if waker.is_some_and(|w| w.post(i)) {
+        cost.posted += 1;
+        s.stats.wakeups_handed_over += 1;
+    } else if s.wake_now() {
+        cost.wakeups += 1;
+    }
+}
+
+/// Nanoseconds from `a` to `b` (0 if `b` is earlier).
+#[inline]
+fn nanos(a: Instant, b: Instant) -> u64 {
+    b.saturating_duration_since(a).as_nanos() as u64
 }
 
 pub(super) fn overflow_reason(s: &Slot, limit: usize) -> String {

@@ -233,6 +233,38 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping is page-aligned and at least size_of::<Header>() bytes (create
+        // wrote it; open checked the size). Header holds only integers and atomics, valid for any
+        // bit pattern; the fields another process changes are atomics.
+        unsafe { &*self.map.as_ptr().cast::<Header>() }
+    }
+}
+
+/// A segment's `to_attacher` doorbell, ringable from any thread (see
+/// [`Segment::attacher_bell`]). It holds the mapping: ringing after the segment's other users
+/// are gone only touches memory that is still mapped.
+#[derive(Clone)]
+pub struct AttacherBell {
+    map: Arc<Mapping>,
+}
+
+impl std::fmt::Debug for AttacherBell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttacherBell").finish_non_exhaustive()
+    }
+}
+
+impl AttacherBell {
+    /// Rings the doorbell ([`crate::ring::Doorbell::ring`]): wakes the attacher if it sleeps;
+    /// returns whether a wake-up was sent.
+    #[inline]
+    pub fn ring(&self) -> bool {
+        self.map.header().to_attacher.ring()
+    }
+}
+
 /// A mapped plugbus segment.
 pub struct Segment {
     name: String,
@@ -751,10 +783,13 @@ impl Segment {
 
     /// The header. Only its atomics change after creation; the fixed part was validated.
     pub fn header(&self) -> &Header {
-        // SAFETY: the mapping is page-aligned and at least size_of::<Header>() bytes (create
-        // wrote it; open checked the size). Header holds only integers and atomics, valid for any
-        // bit pattern; the fields another process changes are atomics.
-        unsafe { &*self.map.map.as_ptr().cast::<Header>() }
+        self.map.header()
+    }
+
+    /// The attacher's doorbell (`to_attacher`) as a handle any thread may ring, which keeps the
+    /// mapping alive for as long as it lives (even after this `Segment` is dropped).
+    pub fn attacher_bell(&self) -> AttacherBell {
+        AttacherBell { map: self.map.clone() }
     }
 
     /// The validated ring descriptors.

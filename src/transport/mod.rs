@@ -122,6 +122,12 @@ pub enum LinkError {
     Closed,
 }
 
+/// Wakes one plugin from any thread (see [`HostLink::wake_handle`]).
+pub trait WakeHandle: Send + Sync {
+    /// Wakes the plugin if it sleeps; returns whether a wake-up (a system call) was sent.
+    fn wake(&self) -> bool;
+}
+
 /// One item for the plugin, besides moves, in the order the host sends them.
 #[derive(Debug, Clone, Copy)]
 pub enum Downstream<'a> {
@@ -188,6 +194,14 @@ pub trait HostLink: Send {
     /// Wakes the plugin if it sleeps; returns whether a wake-up (a system call) was sent. The
     /// host calls it once after a burst of sends.
     fn wake(&mut self) -> bool;
+    /// A handle that does what [`HostLink::wake`] does from another thread, and stays valid
+    /// after the link is dropped (ringing it then does nothing useful, and nothing harmful).
+    /// The host's wake thread uses it, so that the tick thread makes no system call to wake a
+    /// sleeping plugin. `None` (the default): the adapter's wake is cheap enough to stay on the
+    /// tick thread.
+    fn wake_handle(&self) -> Option<std::sync::Arc<dyn WakeHandle>> {
+        None
+    }
     /// Calls `f` with each `PluginToHost` message that has arrived, in order, up to `max`.
     /// The bytes may lie in memory the plugin can write: copy them before decoding.
     fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, LinkError>;

@@ -428,6 +428,10 @@ impl HostLink for ShmHostLink {
         self.segment.header().to_attacher.ring()
     }
 
+    fn wake_handle(&self) -> Option<std::sync::Arc<dyn super::WakeHandle>> {
+        Some(std::sync::Arc::new(self.segment.attacher_bell()))
+    }
+
     /// Each reply is copied out of the ring (raw-pointer copy, [`frame::Frame::copy_to`]) into
     /// the link's scratch buffer, released, and only then handed to `f`: the plugin may write
     /// its ring at any time, and nothing the host decodes is memory the plugin can change.
@@ -533,6 +537,13 @@ impl HostLink for ShmHostLink {
 
     fn address(&self) -> &str {
         &self.address
+    }
+}
+
+impl super::WakeHandle for segment::AttacherBell {
+    #[inline]
+    fn wake(&self) -> bool {
+        self.ring()
     }
 }
 

@@ -107,6 +107,7 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
         metrics,
         seed: 7,
         busy_pacing: false,
+        wake_thread: true,
         kill_one_at: None,
         record: args.record.clone(),
         transport: "shm".into(),

@@ -184,6 +184,11 @@ struct LoadArgs {
     /// warm (what a busy server's tick thread looks like). Default: sleep.
     #[arg(long)]
     busy_pacing: bool,
+    /// Who wakes sleeping plugins: `thread` (the host's wake thread, awake around each
+    /// expected tick end, so the tick thread makes no system call) or `inline` (the tick
+    /// thread itself). The host's `wake_thread` setting.
+    #[arg(long, default_value = "thread", value_parser = ["thread", "inline"])]
+    wake: String,
     /// Kill the first plugin with SIGKILL this many seconds into the run (from another thread,
     /// as an external `kill -9` would); the host detects it and restarts it. The report then
     /// gives each plugin's lost critical events apart.
@@ -392,6 +397,7 @@ fn loadtest_cmd(a: &LoadArgs) -> Result<(), String> {
         metrics,
         seed: a.seed,
         busy_pacing: a.busy_pacing,
+        wake_thread: a.wake == "thread",
         kill_one_at: a.kill_one_at,
         record: a.record.clone(),
         transport: a.transport.clone(),
@@ -465,6 +471,7 @@ fn soak_cmd(a: &SoakArgs) -> Result<(), String> {
         metrics: None,
         seed: a.seed,
         busy_pacing: false,
+        wake_thread: true,
         kill_one_at: None,
         record: None,
         transport: "shm".into(),

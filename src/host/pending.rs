@@ -106,7 +106,11 @@ impl Host {
                 return o;
             }
             if now.duration_since(started) < WAIT_SPIN {
-                crate::sync::spin_loop();
+                if std::env::var_os("PLUGBUS_EXP_HOSTYIELD").is_some() {
+                    std::thread::yield_now();
+                } else {
+                    crate::sync::spin_loop();
+                }
                 continue;
             }
             let wake_at = self

@@ -114,6 +114,9 @@ impl WaitStrategy {
     };
 }
 
+/// Empty polls between two clock reads of a spinning idle loop.
+const CLOCK_EVERY: u32 = 16;
+
 /// What an idle loop does next (see [`Plugin::idle_step`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdleStep {
@@ -284,6 +287,8 @@ pub struct Plugin<L: PluginLink = Box<dyn PluginLink>> {
     counters: PluginCounters,
     last_beat: Instant,
     last_idle: Instant,
+    /// Empty polls so far (the clock is read on every CLOCK_EVERY-th).
+    empty_polls: u32,
     cadence: Cadence,
 }
 
@@ -342,6 +347,7 @@ impl<L: PluginLink> Plugin<L> {
             counters: PluginCounters::default(),
             last_beat: Instant::now(),
             last_idle: Instant::now(),
+            empty_polls: 0,
             cadence: Cadence::default(),
         };
         p.link.heartbeat();
@@ -521,6 +527,14 @@ impl<L: PluginLink> Plugin<L> {
             return Err(e.into());
         }
         self.flush()?;
+        if n == 0 {
+            // An empty poll reads the clock (for the heartbeat) only every CLOCK_EVERY-th time:
+            // a loop of empty polls would otherwise spend most of its time reading the clock.
+            self.empty_polls = self.empty_polls.wrapping_add(1);
+            if self.empty_polls % CLOCK_EVERY != 0 {
+                return Ok(0);
+            }
+        }
         let now = Instant::now();
         if n > 0 {
             self.cadence.work(now);
@@ -543,6 +557,11 @@ impl<L: PluginLink> Plugin<L> {
             handler.on_start(&mut ctx, &hello);
         }
         let mut idle_since: Option<Instant> = None;
+        let yield_every: u32 = std::env::var("PLUGBUS_EXP_YIELD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut spins = 0u32;
         loop {
             let n = self.poll(handler)?;
             if let Some(reason) = self.shutdown.clone() {
@@ -552,6 +571,16 @@ impl<L: PluginLink> Plugin<L> {
             }
             if n > 0 {
                 idle_since = None;
+                spins = 0;
+                continue;
+            }
+            // While spinning, the clock (and what it decides) is looked at every
+            // CLOCK_EVERY-th empty poll only: an idle loop that reads the clock on every turn
+            // spends most of its time there, and on a core's other hardware thread that slows
+            // whatever runs beside it (the host's tick, on a small machine).
+            if spins % CLOCK_EVERY != 0 {
+                spins = spins.wrapping_add(1);
+                crate::sync::spin_loop();
                 continue;
             }
             let now = Instant::now();
@@ -582,7 +611,14 @@ impl<L: PluginLink> Plugin<L> {
                 }
             }
             match self.idle_step(self.wait, since, now, BEAT_EVERY) {
-                IdleStep::Spin => crate::sync::spin_loop(),
+                IdleStep::Spin => {
+                    spins = spins.wrapping_add(1);
+                    if yield_every > 0 {
+                        std::thread::yield_now();
+                    } else {
+                        crate::sync::spin_loop();
+                    }
+                }
                 IdleStep::Park(t) => {
                     let asked = Instant::now();
                     self.link.park(t)?;

@@ -136,6 +136,8 @@ pub struct LoadReport {
     pub wakeups_handed_over: u64,
     pub wake_windows: u64,
     pub wake_windows_used: u64,
+    /// The wake thread's time spinning in its windows, percent of one core over the run.
+    pub wake_thread_cpu_percent: f64,
     /// With `--chaos`: what chaos did, and the critical events lost by surviving plugins.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chaos: Option<ChaosReport>,
@@ -583,6 +585,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     report.wakeups_handed_over = metrics.plugins.values().map(|p| p.wakeups_handed_over).sum();
     report.wake_windows = metrics.host.wake_windows;
     report.wake_windows_used = metrics.host.wake_windows_used;
+    report.wake_thread_cpu_percent = metrics.host.wake_window_ns as f64 / 1e9 / run_started.elapsed().as_secs_f64() * 100.0;
     report.host_allocs_per_event = if steady_offered > 0 {
         steady_allocs as f64 / steady_offered as f64
     } else {
@@ -761,8 +764,8 @@ pub fn print(r: &LoadReport) {
     );
     if r.wake_windows > 0 || r.wakeups_handed_over > 0 {
         println!(
-            "    handed to the wake thread {} wake requests; its windows {} opened, {} met by a tick's end",
-            r.wakeups_handed_over, r.wake_windows, r.wake_windows_used
+            "    handed to the wake thread {} wake requests; its windows {} opened, {} met by a tick's end; it spun {:.1} % of a core",
+            r.wakeups_handed_over, r.wake_windows, r.wake_windows_used, r.wake_thread_cpu_percent
         );
     }
     println!("  critical out of order     {}", r.critical_out_of_order);

@@ -57,6 +57,8 @@ impl MetricsSnapshot {
             ("encoded", self.host.encoded),
             ("moves_offered", self.host.moves_offered),
             ("actions", self.host.actions),
+            ("wake_windows", self.host.wake_windows),
+            ("wake_windows_used", self.host.wake_windows_used),
             ("pool_hits", self.pool.hits),
             ("pool_misses", self.pool.misses),
         ] {
@@ -77,6 +79,7 @@ impl MetricsSnapshot {
                 ("frames_sent", p.frames_sent),
                 ("batches", p.batches),
                 ("wakeups", p.wakeups),
+                ("wakeups_handed_over", p.wakeups_handed_over),
                 ("replies", p.replies),
                 ("late_replies", p.late_replies),
                 ("slow_reports", p.slow_reports),

@@ -520,6 +520,7 @@ impl Host {
             let ws = w.stats();
             host.wake_windows = ws.windows;
             host.wake_windows_used = ws.served_ticks;
+            host.wake_window_ns = ws.window_ns;
         }
         MetricsSnapshot {
             host,

@@ -141,6 +141,8 @@ pub struct HostStats {
     pub wake_windows: u64,
     /// See `wake_windows`.
     pub wake_windows_used: u64,
+    /// Time the wake thread spent with a window open (spinning), ns: its CPU cost.
+    pub wake_window_ns: u64,
 }
 
 impl Default for HostStats {
@@ -157,6 +159,7 @@ impl Default for HostStats {
             end_tick_ns: Hist::default(),
             wake_windows: 0,
             wake_windows_used: 0,
+            wake_window_ns: 0,
         }
     }
 }

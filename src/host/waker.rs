@@ -40,6 +40,11 @@ const MASK: u64 = END - 1;
 /// The window opens this long before the tick is due and closes this long after (plus the
 /// learned jitter of tick ends).
 const LEAD: Duration = Duration::from_micros(150);
+/// The most the window widens for jittery tick ends, and the most a timed sleep is started
+/// early for a late timer: a server more irregular than this gets its wake-ups from the tick
+/// thread, rather than a wake thread spinning through most of every tick.
+const MAX_JITTER: Duration = Duration::from_micros(250);
+const MAX_OVERSLEEP: Duration = Duration::from_micros(500);
 /// While no tick is due (no steady cadence), the wake thread looks again this often.
 const IDLE_POLL: Duration = Duration::from_millis(2);
 /// Spins between two `sched_yield`s while the window is open (on a machine with few cores, the
@@ -61,6 +66,8 @@ struct Shared {
     /// Windows opened, and windows that ended with the tick's request (the others timed out).
     windows: AtomicU64,
     served_ends: AtomicU64,
+    /// Time spent with the window open (spinning), ns.
+    window_ns: AtomicU64,
 }
 
 /// The tick thread's side of the wake thread.
@@ -84,6 +91,8 @@ pub struct WakerStats {
     pub windows: u64,
     /// Windows that ended with the tick's hand-over (the rest closed on their own).
     pub served_ticks: u64,
+    /// Time spent with a window open (the wake thread spinning), ns.
+    pub window_ns: u64,
 }
 
 impl Waker {
@@ -98,6 +107,7 @@ impl Waker {
             woken: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
             windows: AtomicU64::new(0),
             served_ends: AtomicU64::new(0),
+            window_ns: AtomicU64::new(0),
         });
         let base = Instant::now();
         let s = shared.clone();
@@ -174,6 +184,7 @@ impl Waker {
         WakerStats {
             windows: self.shared.windows.load(Ordering::Relaxed),
             served_ticks: self.shared.served_ends.load(Ordering::Relaxed),
+            window_ns: self.shared.window_ns.load(Ordering::Relaxed),
         }
     }
 }
@@ -211,7 +222,7 @@ fn run(shared: &Shared, base: Instant) {
     let mut oversleep = Duration::from_micros(60);
     while !shared.stop.load(Ordering::Relaxed) {
         let due_ns = shared.due_ns.load(Ordering::Relaxed);
-        let jitter = Duration::from_nanos(shared.jitter_ns.load(Ordering::Relaxed));
+        let jitter = Duration::from_nanos(shared.jitter_ns.load(Ordering::Relaxed)).min(MAX_JITTER);
         let now = Instant::now();
         if due_ns == 0 {
             std::thread::sleep(IDLE_POLL);
@@ -230,13 +241,14 @@ fn run(shared: &Shared, base: Instant) {
                 let asked = wait.min(IDLE_POLL * 25);
                 let slept_at = Instant::now();
                 std::thread::sleep(asked);
-                let late = slept_at.elapsed().saturating_sub(asked).min(Duration::from_millis(2));
+                let late = slept_at.elapsed().saturating_sub(asked).min(MAX_OVERSLEEP);
                 oversleep = (oversleep * 7 + late) / 8;
                 continue;
             }
         }
         // The window: open, spin until the tick hands over (END) or the window closes.
         shared.windows.fetch_add(1, Ordering::Relaxed);
+        let opened = Instant::now();
         // AcqRel (every access to the word): pairs with the tick thread's posting CAS.
         shared.word.fetch_or(READY, Ordering::AcqRel);
         let mut spins = 0u32;
@@ -262,6 +274,9 @@ fn run(shared: &Shared, base: Instant) {
         // Close: whatever was posted up to this swap is served; later posts see no READY.
         let v = shared.word.swap(0, Ordering::AcqRel);
         serve(shared, v);
+        shared
+            .window_ns
+            .fetch_add(opened.elapsed().as_nanos() as u64, Ordering::Relaxed);
         // Do not reopen for the tick just served.
         while shared.due_ns.load(Ordering::Relaxed) == due_ns && !shared.stop.load(Ordering::Relaxed) {
             if Instant::now() >= close {

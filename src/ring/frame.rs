@@ -431,6 +431,24 @@ impl Consumer {
         if self.is_empty()? {
             return Ok(None);
         }
+        // The common case, kept small enough to inline: a real frame that fits everything the
+        // slow path checks. Anything else (padding, or a frame that fails a check) goes through
+        // the slow path, which reads the same header again and decides.
+        let avail = self.cached_tail - self.head;
+        let off = self.ring.offset(self.head);
+        let (len, kind) = self.ring.read_header(off);
+        let total = frame_size(len as usize) as u64;
+        let limit = avail.min(self.ring.capacity - off).min(self.ring.capacity / 2);
+        if kind != PADDING && kind != 0 && total <= limit {
+            return Ok(Some(self.lend(off, len, kind, total)));
+        }
+        self.try_read_slow()
+    }
+
+    /// [`Consumer::try_read`] past a padding frame, or on a header that breaks the protocol.
+    #[cold]
+    #[inline(never)]
+    fn try_read_slow(&mut self) -> Result<Option<Frame<'_>>, RingError> {
         // At most two headers: a padding frame, then a real frame at offset 0. A padding frame
         // at offset 0 would span the whole ring, which no producer writes; it fails validation.
         for _ in 0..2 {
@@ -464,24 +482,31 @@ impl Consumer {
                     available: limit.saturating_sub(HEADER as u64),
                 }));
             }
-            self.ring
-                .control()
-                .tracker
-                .read((off + HEADER as u64) / 8, u64::from(len).div_ceil(8));
-            // SAFETY: off + total <= capacity (checked just above against `contiguous`), so the
-            // payload lies inside the data area (a pointer into it, no reference is formed).
-            let payload = unsafe { self.ring.data.as_ptr().add((off + HEADER as u64) as usize) };
-            let next = self.head + total;
-            return Ok(Some(Frame {
-                kind,
-                payload,
-                len: len as usize,
-                next,
-                consumer: self,
-            }));
+            return Ok(Some(self.lend(off, len, kind, total)));
         }
         let pos = self.head;
         Err(self.fail(RingError::BadPadding { pos, len: 0 }))
+    }
+
+    /// The frame at data offset `off` (position `head`), whose header was checked: `total`
+    /// (its size in the ring) is at most the bytes published and the bytes before the end.
+    #[inline]
+    fn lend(&mut self, off: u64, len: u32, kind: u32, total: u64) -> Frame<'_> {
+        self.ring
+            .control()
+            .tracker
+            .read((off + HEADER as u64) / 8, u64::from(len).div_ceil(8));
+        // SAFETY: off + total <= capacity (checked by the callers against the bytes before the
+        // end), so the payload lies inside the data area (a pointer into it, no reference).
+        let payload = unsafe { self.ring.data.as_ptr().add((off + HEADER as u64) as usize) };
+        let next = self.head + total;
+        Frame {
+            kind,
+            payload,
+            len: len as usize,
+            next,
+            consumer: self,
+        }
     }
 
     #[inline]

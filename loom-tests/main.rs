@@ -104,6 +104,39 @@ fn full_ring() {
     });
 }
 
+/// Releases the consumer defers (it has not caught up with the tail it read, and less than a
+/// quarter of the ring is unpublished) still reach the producer: a 64-byte ring full of eight
+/// empty frames (8 bytes each, a quarter is 16), and a ninth that waits for published space.
+#[test]
+fn deferred_release_reaches_the_producer() {
+    loom::model(|| {
+        let (mut tx, mut rx) = frames(64);
+        for kind in 1..=8u32 {
+            tx.try_push(kind, &[]).unwrap();
+        }
+        let t = thread::spawn(move || {
+            loop {
+                match tx.try_push(9, &[]) {
+                    Ok(()) => break,
+                    Err(frame::ReserveError::Full { .. }) => thread::yield_now(),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+        let mut next = 1u32;
+        while next <= 9 {
+            match rx.try_read().unwrap() {
+                Some(f) => {
+                    assert_eq!(f.kind(), next);
+                    next += 1;
+                }
+                None => thread::yield_now(),
+            }
+        }
+        t.join().unwrap();
+    });
+}
+
 /// Frames in a 64-byte ring: the third 16-byte frame does not fit before the end, so the
 /// producer writes a padding frame and starts over at offset 0 while the consumer reads.
 #[test]

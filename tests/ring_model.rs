@@ -112,7 +112,12 @@ struct MFrame {
 /// The frame ring as the documentation describes it.
 struct FrameModel {
     cap: u64,
+    /// The consumer's own head: everything before it is released.
     head: u64,
+    /// The head the consumer last published (what the producer and `positions` see).
+    published_head: u64,
+    /// The tail the consumer last read.
+    cached_tail: u64,
     tail: u64,
     q: VecDeque<MFrame>,
     next_id: u64,
@@ -134,7 +139,7 @@ impl FrameModel {
         let off = self.tail % self.cap;
         let contiguous = self.cap - off;
         let needed = if total <= contiguous { total } else { contiguous + total };
-        let free = self.cap - (self.tail - self.head);
+        let free = self.cap - (self.tail - self.published_head);
         if free < needed {
             return Err(frame::ReserveError::Full {
                 needed: needed as usize,
@@ -146,6 +151,29 @@ impl FrameModel {
         } else {
             self.tail + contiguous
         })
+    }
+
+    /// The consumer re-reads `tail`, publishing its head first.
+    fn refresh(&mut self) {
+        self.published_head = self.head;
+        self.cached_tail = self.tail;
+    }
+
+    /// `try_read` and `is_empty` re-read `tail` only when the consumer has caught up with the
+    /// one it last read.
+    fn refresh_if_caught_up(&mut self) {
+        if self.cached_tail == self.head {
+            self.refresh();
+        }
+    }
+
+    /// A frame ending at `next` is released: published if that catches up with the cached tail
+    /// or leaves a quarter of the capacity unpublished.
+    fn release(&mut self, next: u64) {
+        self.head = next;
+        if next == self.cached_tail || next - self.published_head >= self.cap / 4 {
+            self.published_head = next;
+        }
     }
 
     fn publish(&mut self, kind: u32, payload: Vec<u8>, start: u64) {
@@ -173,6 +201,8 @@ struct FrameStats {
     abandoned_padded: u64,
     held_pushes: u64,
     empty_reads: u64,
+    /// Reads after which released bytes were left unpublished.
+    unpublished: u64,
 }
 
 fn check_frames(cap: usize, ops: &[FrameOp], stats: &mut FrameStats) -> Result<(), TestCaseError> {
@@ -182,6 +212,8 @@ fn check_frames(cap: usize, ops: &[FrameOp], stats: &mut FrameStats) -> Result<(
     let mut m = FrameModel {
         cap: cap as u64,
         head: 0,
+        published_head: 0,
+        cached_tail: 0,
         tail: 0,
         q: VecDeque::new(),
         next_id: 0,
@@ -311,6 +343,7 @@ fn check_frames(cap: usize, ops: &[FrameOp], stats: &mut FrameStats) -> Result<(
                 }
             }
             FrameOp::Read { held_push } => {
+                m.refresh_if_caught_up();
                 let got = rx.try_read().unwrap();
                 match (m.q.front(), got) {
                     (None, None) => stats.empty_reads += 1,
@@ -336,7 +369,10 @@ fn check_frames(cap: usize, ops: &[FrameOp], stats: &mut FrameStats) -> Result<(
                         }
                         drop(f);
                         let done = m.q.pop_front().unwrap();
-                        m.head = done.next;
+                        m.release(done.next);
+                        if m.published_head != m.head {
+                            stats.unpublished += 1;
+                        }
                     }
                     (want, got) => {
                         return Err(TestCaseError::fail(format!(
@@ -348,15 +384,17 @@ fn check_frames(cap: usize, ops: &[FrameOp], stats: &mut FrameStats) -> Result<(
                 }
             }
             FrameOp::Used => {
-                let used = (m.tail - m.head) as usize;
-                prop_assert_eq!(tx.used().unwrap(), used);
-                prop_assert_eq!(rx.used().unwrap(), used);
+                // The producer sees what the consumer published; the consumer publishes when it
+                // re-reads the tail.
+                prop_assert_eq!(tx.used().unwrap(), (m.tail - m.published_head) as usize);
+                m.refresh();
+                prop_assert_eq!(rx.used().unwrap(), (m.tail - m.head) as usize);
                 prop_assert_eq!(rx.is_empty().unwrap(), m.q.is_empty());
             }
         }
         prop_assert_eq!(
             ring::positions(&region),
-            (m.head, m.tail),
+            (m.published_head, m.tail),
             "shared positions after {:?}",
             op
         );
@@ -396,6 +434,7 @@ fn frame_ring_matches_model() {
     );
     assert!(s.held_pushes > 0, "never pushed while a frame was held: {s:?}");
     assert!(s.empty_reads > 0, "never read an empty ring: {s:?}");
+    assert!(s.unpublished > 0, "never left a release unpublished: {s:?}");
 }
 
 // ------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
 //!
 //! Memory ordering:
 //! - the producer writes the payload, then stores `tail` with Release;
-//! - the consumer loads `tail` with Acquire, reads the payload, then stores `head` with Release;
+//! - the consumer loads `tail` with Acquire, reads the payload, then stores `head` with Release
+//!   (for a run of released frames at once: see [`frame::Consumer`] for when);
 //! - the producer loads `head` with Acquire before it reuses the space the consumer released.
 //!
 //! The peer is untrusted: every position, length and kind read from the region is checked. A

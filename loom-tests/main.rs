@@ -6,128 +6,133 @@
 //! The ring code under test is the library's own (compiled against loom's atomics through
 //! `plugbus::sync`); payload bytes are reported to loom's race detector by `AccessTracker`, so
 //! a missing happens-before between a write and a read of the same slot fails the model.
-//! Capacities are tiny (2 to 4 records, 64 frame bytes) so the whole state space is explored.
+//! Capacities are tiny (32 to 256 bytes) so the whole state space is explored.
 #![cfg(loom)]
 
 use loom::sync::Arc;
 use loom::thread;
-use plugbus::ring::{Doorbell, RegionRef, frame, record};
-
-fn records(cap: usize) -> (record::Producer<u64>, record::Consumer<u64>) {
-    record::channel::<u64>(RegionRef::heap(record::region_size::<u64>(cap))).unwrap()
-}
+use plugbus::ring::{Doorbell, RegionRef, frame};
 
 fn frames(cap: usize) -> (frame::Producer, frame::Consumer) {
     frame::channel(RegionRef::heap(frame::region_size(cap))).unwrap()
 }
 
-/// Pops `n` records, yielding while empty.
-fn pop_n(rx: &mut record::Consumer<u64>, n: usize) -> Vec<u64> {
+/// Pushes `v` as a frame of 8 bytes (16 in the ring), yielding while the ring is full.
+fn push_u64(tx: &mut frame::Producer, v: u64) {
+    loop {
+        match tx.try_push(1, &v.to_ne_bytes()) {
+            Ok(()) => return,
+            Err(frame::ReserveError::Full { .. }) => thread::yield_now(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// The value of an 8-byte frame.
+fn value(f: &frame::Frame<'_>) -> u64 {
+    u64::from_ne_bytes(f.payload().try_into().expect("an 8-byte frame"))
+}
+
+/// Reads `n` 8-byte frames, yielding while empty.
+fn read_n(rx: &mut frame::Consumer, n: usize) -> Vec<u64> {
     let mut got = Vec::new();
     while got.len() < n {
-        match rx.try_pop().unwrap() {
-            Some(v) => got.push(v),
+        match rx.try_read().unwrap() {
+            Some(f) => got.push(value(&f)),
             None => thread::yield_now(),
         }
     }
     got
 }
 
-/// One at a time through a 2-slot ring: every value arrives, in order, with no data race.
+/// One at a time through a 32-byte ring that holds two 16-byte frames: every value arrives, in
+/// order, and the third frame reuses the first one's bytes without racing its reader.
 #[test]
-fn push_pop_capacity_2() {
+fn frames_one_at_a_time_two_fit() {
     loom::model(|| {
-        let (mut tx, mut rx) = records(2);
+        let (mut tx, mut rx) = frames(32);
         let t = thread::spawn(move || {
             for v in 1..=3u64 {
-                let mut v = v;
-                loop {
-                    match tx.try_push(v) {
-                        Ok(()) => break,
-                        Err(record::PushError::Full(back)) => {
-                            v = back;
-                            thread::yield_now();
-                        }
-                        Err(e) => panic!("{e}"),
-                    }
-                }
+                push_u64(&mut tx, v);
             }
         });
-        assert_eq!(pop_n(&mut rx, 3), vec![1, 2, 3]);
+        assert_eq!(read_n(&mut rx, 3), vec![1, 2, 3]);
         t.join().unwrap();
     });
 }
 
-/// A batch is published with one tail store; the consumer may see none of it or all of it,
-/// never a record the producer has not written.
+/// A move frame of two records is published with one tail store and read in place: the
+/// consumer sees the whole frame or nothing, never a record the producer has not written.
 #[test]
-fn batch_publish() {
+fn move_frame_published_whole() {
+    use plugbus::fastpath::{self, MoveRecord};
     loom::model(|| {
-        let (mut tx, mut rx) = records(4);
+        let (mut tx, mut rx) = frames(256);
+        let moves = [
+            MoveRecord::new([1; 16], [1.0, 2.0, 3.0], 4.0, 5.0),
+            MoveRecord::new([2; 16], [6.0, 7.0, 8.0], 9.0, 10.0),
+        ];
         let t = thread::spawn(move || {
-            assert_eq!(tx.push_slice(&[10, 11, 12]).unwrap(), 3);
+            assert_eq!(fastpath::write_frame(&mut tx, 7, 0, &moves).unwrap(), 1);
         });
-        let mut got = Vec::new();
-        while got.len() < 3 {
-            let g = rx.read(usize::MAX).unwrap();
-            assert!(g.is_empty() || g.len() == 3, "batch seen partly: {}", g.len());
-            got.extend_from_slice(&g);
-            drop(g);
-            thread::yield_now();
-        }
-        assert_eq!(got, vec![10, 11, 12]);
-        t.join().unwrap();
-    });
-}
-
-/// Records lent in place are released by the guard's commit; the producer then reuses those
-/// slots (wrap-around) without racing the reader.
-#[test]
-fn read_guard_commit_then_reuse() {
-    loom::model(|| {
-        let (mut tx, mut rx) = records(2);
-        let t = thread::spawn(move || {
-            let mut sent = 0u64;
-            while sent < 4 {
-                sent += tx
-                    .push_slice(&[sent + 1, sent + 2][..(4 - sent as usize).min(2)])
-                    .unwrap() as u64;
-                thread::yield_now();
+        loop {
+            if let Some(f) = rx.try_read().unwrap() {
+                let (header, records) = fastpath::parse(f.payload()).unwrap();
+                assert_eq!((header.tick, records), (7, &moves[..]));
+                break;
             }
-        });
-        let mut got = Vec::new();
-        while got.len() < 4 {
-            let g = rx.read(usize::MAX).unwrap();
-            got.extend(g.iter().copied());
-            g.commit();
             thread::yield_now();
         }
-        assert_eq!(got, vec![1, 2, 3, 4]);
         t.join().unwrap();
     });
 }
 
-/// A full ring refuses, then accepts once the consumer releases a slot.
+/// A full ring refuses, then accepts once the consumer releases a frame.
 #[test]
 fn full_ring() {
     loom::model(|| {
-        let (mut tx, mut rx) = records(2);
-        assert_eq!(tx.push_slice(&[1, 2]).unwrap(), 2);
-        assert!(matches!(tx.try_push(3), Err(record::PushError::Full(3))));
+        let (mut tx, mut rx) = frames(32);
+        push_u64(&mut tx, 1);
+        push_u64(&mut tx, 2);
+        assert!(matches!(
+            tx.try_push(1, &3u64.to_ne_bytes()),
+            Err(frame::ReserveError::Full { .. })
+        ));
+        let t = thread::spawn(move || push_u64(&mut tx, 3));
+        assert_eq!(read_n(&mut rx, 3), vec![1, 2, 3]);
+        t.join().unwrap();
+    });
+}
+
+/// Releases the consumer defers (it has not caught up with the tail it read, and less than a
+/// quarter of the ring is unpublished) still reach the producer: a 64-byte ring full of eight
+/// empty frames (8 bytes each, a quarter is 16), and a ninth that waits for published space.
+#[test]
+fn deferred_release_reaches_the_producer() {
+    loom::model(|| {
+        let (mut tx, mut rx) = frames(64);
+        for kind in 1..=8u32 {
+            tx.try_push(kind, &[]).unwrap();
+        }
         let t = thread::spawn(move || {
-            let mut v = 3;
             loop {
-                match tx.try_push(v) {
+                match tx.try_push(9, &[]) {
                     Ok(()) => break,
-                    Err(record::PushError::Full(back)) => {
-                        v = back;
-                        thread::yield_now();
-                    }
+                    Err(frame::ReserveError::Full { .. }) => thread::yield_now(),
                     Err(e) => panic!("{e}"),
                 }
             }
         });
-        assert_eq!(pop_n(&mut rx, 3), vec![1, 2, 3]);
+        let mut next = 1u32;
+        while next <= 9 {
+            match rx.try_read().unwrap() {
+                Some(f) => {
+                    assert_eq!(f.kind(), next);
+                    next += 1;
+                }
+                None => thread::yield_now(),
+            }
+        }
         t.join().unwrap();
     });
 }
@@ -174,25 +179,25 @@ fn frame_wrap_with_padding() {
 #[test]
 fn doorbell_no_lost_wakeup() {
     loom::model(|| {
-        let (mut tx, mut rx) = records(2);
+        let (mut tx, mut rx) = frames(32);
         let bell = Arc::new(Doorbell::new());
         let bell2 = Arc::clone(&bell);
         let t = thread::spawn(move || {
             for v in 1..=2u64 {
-                tx.try_push(v).unwrap();
+                tx.try_push(1, &v.to_ne_bytes()).unwrap();
                 bell2.ring();
             }
         });
         let mut got = Vec::new();
         while got.len() < 2 {
-            if let Some(v) = rx.try_pop().unwrap() {
-                got.push(v);
+            if let Some(f) = rx.try_read().unwrap() {
+                got.push(value(&f));
                 continue;
             }
             bell.prepare_sleep();
-            if let Some(v) = rx.try_pop().unwrap() {
+            if let Some(f) = rx.try_read().unwrap() {
                 bell.cancel_sleep();
-                got.push(v);
+                got.push(value(&f));
                 continue;
             }
             bell.sleep(None);

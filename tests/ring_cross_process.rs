@@ -1,4 +1,5 @@
-//! Both ring kinds between two real processes over a real shared-memory segment.
+//! The frame ring between two real processes over a real shared-memory segment: move frames
+//! (the movement fast path) and frames of every length and kind.
 //!
 //! The parent test creates a segment and re-executes this test binary as the child
 //! (`--exact <child test> --nocapture --test-threads=1`, role and segment name in
@@ -14,7 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use plugbus::ring::{self, frame, record};
+use plugbus::fastpath::{self, MoveRecord};
+use plugbus::ring::{self, frame};
 use plugbus::segment::header::{RingKind, STATE_DETACHED};
 use plugbus::segment::{RingSpec, Segment, unique_name};
 use plugbus::sync::Ordering;
@@ -25,10 +27,11 @@ const CHILD_VAR: &str = "PLUGBUS_XPROC_CHILD";
 /// How long a wait loop may go without progress before the test fails.
 const STALL: Duration = Duration::from_secs(120);
 
-/// Records streamed (a tenth in unoptimized builds, which are ~10x slower; the full count is
-/// what `cargo test --release` runs).
+/// Move records streamed (a tenth in unoptimized builds, which are ~10x slower; the full count
+/// is what `cargo test --release` runs).
 const RECORDS: u64 = if cfg!(debug_assertions) { 1_000_000 } else { 10_000_000 };
-const RECORD_CAPACITY: u64 = 1 << 14;
+/// Data bytes of the moves ring: a tick of 1024 records (49 176 bytes) fits one frame.
+const MOVES_CAPACITY: u64 = 1 << 17;
 const RECORD_SEED: u64 = 0x5EED_0000_0000_0001;
 
 /// Frames streamed (a tenth in unoptimized builds, as for [`RECORDS`]).
@@ -301,68 +304,62 @@ impl Move {
     }
 }
 
+/// The record of `m`'s bytes, as the move ring carries it.
+fn as_record(m: &Move) -> MoveRecord {
+    MoveRecord::read_from_bytes(m.as_bytes()).unwrap()
+}
+
+/// Move frames, the movement fast path the runtime uses: ticks of one record (a frame each,
+/// the smallest frame the host writes) or of up to 1024 records in one frame, written with
+/// `fastpath::write_frame` and read in place in the child with `fastpath::parse`.
 #[test]
-fn records_between_processes() {
+fn move_frames_between_processes() {
     let _heavy = HEAVY.lock().unwrap_or_else(|p| p.into_inner());
-    let name = unique_name("xproc-records");
-    let seg = Segment::create(&name, "xproc-records", &[RingSpec::records::<Move>(RECORD_CAPACITY)]).unwrap();
+    let name = unique_name("xproc-moves");
+    let seg = Segment::create(&name, "xproc-moves", &[RingSpec::frames(MOVES_CAPACITY)]).unwrap();
     let region = seg.ring_region(0).unwrap();
-    let mut tx = record::Producer::<Move>::attach(region.clone()).unwrap();
-    let mut child = spawn_child("child_record_consumer", "records", &name);
+    let mut tx = frame::Producer::attach(region.clone()).unwrap();
+    let mut child = spawn_child("child_move_consumer", "moves", &name);
 
     let mut rng = Rng(RECORD_SEED);
     let mut hash = Hash::START;
     let mut waiter = Waiter::new();
-    let mut batch: Vec<Move> = Vec::with_capacity(1024);
-    let mut seq = 0u64;
-    let mut batches = 0u64;
-    let mut singles = 0u64;
+    let mut batch: Vec<MoveRecord> = Vec::with_capacity(1024);
+    let (mut seq, mut tick, mut batches, mut singles) = (0u64, 0u64, 0u64, 0u64);
     while seq < RECORDS {
         let r = rng.next();
-        if r % 4 == 0 {
-            // A single push, retried until it fits.
-            let m = Move::new(seq);
-            let mut v = m;
-            loop {
-                match tx.try_push(v) {
-                    Ok(()) => break,
-                    Err(record::PushError::Full(back)) => {
-                        v = back;
-                        waiter.idle("pushing a record", &mut child_running(&mut child)).unwrap();
-                    }
-                    Err(e) => panic!("push: {e}"),
-                }
-            }
-            waiter.progress();
-            m.hash_into(&mut hash);
-            seq += 1;
+        let n = if r % 4 == 0 {
             singles += 1;
+            1
         } else {
-            // A batch of 1 to 1024 (mostly small), pushed in as many pieces as it takes.
-            let n = match (r >> 8) % 8 {
+            batches += 1;
+            match (r >> 8) % 8 {
                 0..=3 => 1 + (r >> 16) % 16,
                 4..=6 => 1 + (r >> 16) % 256,
                 _ => 1 + (r >> 16) % 1024,
             }
-            .min(RECORDS - seq);
-            batch.clear();
-            batch.extend((seq..seq + n).map(Move::new));
-            let mut rest = &batch[..];
-            while !rest.is_empty() {
-                let k = tx.push_slice(rest).unwrap();
-                if k == 0 {
-                    waiter.idle("pushing a batch", &mut child_running(&mut child)).unwrap();
-                } else {
-                    waiter.progress();
-                    rest = &rest[k..];
+            .min(RECORDS - seq)
+        };
+        batch.clear();
+        batch.extend((seq..seq + n).map(|s| as_record(&Move::new(s))));
+        loop {
+            match fastpath::write_frame(&mut tx, tick, 0, &batch) {
+                Ok(1) => break,
+                Ok(k) => panic!("a tick of {n} records took {k} frames"),
+                Err(frame::ReserveError::Full { .. }) => {
+                    waiter
+                        .idle("writing a move frame", &mut child_running(&mut child))
+                        .unwrap();
                 }
+                Err(e) => panic!("write_frame: {e}"),
             }
-            for m in &batch {
-                m.hash_into(&mut hash);
-            }
-            seq += n;
-            batches += 1;
         }
+        waiter.progress();
+        for s in seq..seq + n {
+            Move::new(s).hash_into(&mut hash);
+        }
+        seq += n;
+        tick += 1;
     }
     assert!(singles > 0 && batches > 0);
 
@@ -371,45 +368,43 @@ fn records_between_processes() {
     assert_eq!(count, RECORDS, "child counted a different number of records");
     assert_eq!(child_hash, hash.0, "child's running hash differs from the parent's");
     // Everything was released by the consumer, and it detached cleanly.
-    assert_eq!(ring::positions(&region), (RECORDS, RECORDS));
+    let (head, tail) = ring::positions(&region);
+    assert_eq!(head, tail, "the child left frames unreleased");
     assert_eq!(seg.header().shared.state.load(Ordering::Acquire), STATE_DETACHED);
     assert_eq!(seg.header().shared.attacher_pid.load(Ordering::Acquire), 0);
 }
 
 #[test]
-fn child_record_consumer() {
-    let Some((parent, name)) = child_role("records") else {
+fn child_move_consumer() {
+    let Some((parent, name)) = child_role("moves") else {
         return;
     };
     child_main(|| {
         let seg = Segment::open(&name).map_err(|e| e.to_string())?;
         let d = seg.rings()[0];
-        if RingKind::from_u32(d.kind) != Some(RingKind::Record) || d.unit != 48 {
+        if RingKind::from_u32(d.kind) != Some(RingKind::Frame) || d.capacity != MOVES_CAPACITY {
             return Err(format!("unexpected ring descriptor {d:?}"));
         }
-        let mut rx = record::Consumer::<Move>::attach(seg.ring_region(0).unwrap()).map_err(|e| e.to_string())?;
+        let mut rx = frame::Consumer::attach(seg.frame_region(0).unwrap()).map_err(|e| e.to_string())?;
         let mut alive = parent_alive(parent);
         let mut waiter = Waiter::new();
         let mut hash = Hash::START;
-        let mut rng = Rng(RECORD_SEED ^ 0xFFFF);
-        let mut next = 0u64;
+        let (mut next, mut tick) = (0u64, 0u64);
         while next < RECORDS {
-            let r = rng.next();
-            let max = if r % 8 == 0 {
-                1 + (r >> 8) as usize % 64
-            } else {
-                usize::MAX
-            };
-            let g = rx.read(max).map_err(|e| format!("read at {next}: {e}"))?;
-            if g.is_empty() {
-                drop(g);
-                waiter.idle("waiting for records", &mut alive)?;
+            let Some(f) = rx.try_read().map_err(|e| format!("read at {next}: {e}"))? else {
+                waiter.idle("waiting for move frames", &mut alive)?;
                 continue;
-            }
+            };
             waiter.progress();
-            // Sometimes release only part of what was lent; the rest must come again.
-            let take = if r % 16 == 1 { g.len().div_ceil(2) } else { g.len() };
-            for m in &g[..take] {
+            if f.kind() != fastpath::KIND_MOVES {
+                return Err(format!("frame of kind {} at record {next}", f.kind()));
+            }
+            let (header, records) = fastpath::parse(f.payload()).map_err(|e| format!("at record {next}: {e}"))?;
+            if header.tick != tick || header.flags != 0 || records.is_empty() {
+                return Err(format!("expected tick {tick}, got {header:?}"));
+            }
+            for r in records {
+                let m = Move::ref_from_bytes(r.as_bytes()).map_err(|e| e.to_string())?;
                 if m.seq != next {
                     return Err(format!("expected record {next}, got {} (lost or duplicated)", m.seq));
                 }
@@ -419,12 +414,11 @@ fn child_record_consumer() {
                 m.hash_into(&mut hash);
                 next += 1;
             }
-            g.consume(take);
+            tick += 1;
         }
-        // The parent pushed exactly RECORDS and nothing more: the ring must now be empty.
-        let extra = rx.available().map_err(|e| e.to_string())?;
-        if extra != 0 {
-            return Err(format!("{extra} records beyond the last one"));
+        // The parent wrote exactly RECORDS and nothing more: the ring must now be empty.
+        if !rx.is_empty().map_err(|e| e.to_string())? {
+            return Err("frames beyond the last record".into());
         }
         Ok((next, hash))
     });

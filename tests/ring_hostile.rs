@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plugbus::ring::{self, CONTROL_SIZE, RegionRef, RingError, frame, record};
+use plugbus::ring::{self, CONTROL_SIZE, RegionRef, RingError, frame};
 use plugbus::segment::{RingSpec, Segment, unique_name};
 use plugbus::sync::{AtomicBool, AtomicU64, Ordering};
 
@@ -126,86 +126,50 @@ impl Rng {
     }
 }
 
-/// Which ring a scribbler attacks.
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    /// Frame ring of this many data bytes.
-    Frames(usize),
-    /// Record ring of this many u64 records.
-    Records(usize),
-}
-
-impl Kind {
-    fn data_bytes(self) -> usize {
-        match self {
-            Kind::Frames(cap) => cap,
-            Kind::Records(cap) => cap * 8,
-        }
-    }
-
-    /// Capacity in the unit positions count: records, or bytes for a frame ring.
-    fn capacity_units(self) -> u64 {
-        match self {
-            Kind::Frames(cap) => cap as u64,
-            Kind::Records(cap) => cap as u64,
-        }
-    }
-}
-
 /// A position a hostile peer might write: mostly near the current one (so that the ring goes
-/// on and deeper checks are reached), sometimes anything.
-fn hostile_position(rng: &mut Rng, current: u64, kind: Kind) -> u64 {
-    let cap = kind.capacity_units();
-    let step = match kind {
-        Kind::Frames(_) => 8,
-        Kind::Records(_) => 1,
-    };
+/// on and deeper checks are reached), sometimes anything. `cap`: the ring's data bytes.
+fn hostile_position(rng: &mut Rng, current: u64, cap: usize) -> u64 {
+    let cap = cap as u64;
     match rng.below(8) {
         0 => rng.next(),
         1 => rng.below(4 * cap),
-        2 => current.wrapping_sub(step * (1 + rng.below(4))),
+        2 => current.wrapping_sub(8 * (1 + rng.below(4))),
         3 => current.wrapping_add(rng.below(8)),
-        4 => current.wrapping_add(cap + step * rng.below(4)),
-        _ => current.wrapping_add(step * rng.below(cap / step + 1)),
+        4 => current.wrapping_add(cap + 8 * rng.below(4)),
+        _ => current.wrapping_add(8 * rng.below(cap / 8 + 1)),
     }
 }
 
-/// One hostile write: a position, a frame header (or record bytes), or payload bytes.
-fn scribble(region: &RegionRef, kind: Kind, rng: &mut Rng) {
-    let data = kind.data_bytes();
+/// One hostile write over a frame ring of `cap` data bytes: a position, a frame header, or
+/// payload bytes.
+fn scribble(region: &RegionRef, cap: usize, rng: &mut Rng) {
     let (head, tail) = ring::positions(region);
     match rng.below(8) {
-        0 | 1 => set_pos(region, TAIL, hostile_position(rng, tail, kind)),
-        2 => set_pos(region, HEAD, hostile_position(rng, head, kind)),
-        3..=5 => match kind {
-            Kind::Frames(cap) => {
-                // A header: at the next frame to read, or anywhere 8-aligned.
-                let off = if rng.chance(2) {
-                    (head as usize) & (cap - 1) & !7
-                } else {
-                    rng.below(cap as u64 / 8) as usize * 8
-                };
-                let len = match rng.below(6) {
-                    0 => rng.next() as u32,
-                    1 => (cap - off - 8) as u32,
-                    2 => (cap / 2 - 8 + rng.below(16) as usize) as u32,
-                    _ => rng.below(64) as u32,
-                };
-                let kind = match rng.below(5) {
-                    0 => 0,
-                    1 => frame::PADDING,
-                    2 => rng.next() as u32,
-                    _ => 1 + rng.below(8) as u32,
-                };
-                put_header(region, off, len, kind);
-            }
-            Kind::Records(_) => {
-                let off = rng.below(data as u64 / 8) as usize * 8;
-                poke(region, CONTROL_SIZE + off, &rng.next().to_ne_bytes());
-            }
-        },
+        0 | 1 => set_pos(region, TAIL, hostile_position(rng, tail, cap)),
+        2 => set_pos(region, HEAD, hostile_position(rng, head, cap)),
+        3..=5 => {
+            // A header: at the next frame to read, or anywhere 8-aligned.
+            let off = if rng.chance(2) {
+                (head as usize) & (cap - 1) & !7
+            } else {
+                rng.below(cap as u64 / 8) as usize * 8
+            };
+            let len = match rng.below(6) {
+                0 => rng.next() as u32,
+                1 => (cap - off - 8) as u32,
+                2 => (cap / 2 - 8 + rng.below(16) as usize) as u32,
+                _ => rng.below(64) as u32,
+            };
+            let kind = match rng.below(5) {
+                0 => 0,
+                1 => frame::PADDING,
+                2 => rng.next() as u32,
+                _ => 1 + rng.below(8) as u32,
+            };
+            put_header(region, off, len, kind);
+        }
         _ => {
-            let off = rng.below(data as u64) as usize;
+            let off = rng.below(cap as u64) as usize;
             poke(region, CONTROL_SIZE + off, &[rng.next() as u8]);
         }
     }
@@ -267,38 +231,6 @@ fn frame_producer_poisoned(tx: &mut frame::Producer, e: RingError) -> Result<(),
     for (i, got) in again.iter().enumerate() {
         if *got != Some(b) {
             return Err(format!("frame producer call {i} after {e:?} returned {got:?}"));
-        }
-    }
-    Ok(())
-}
-
-fn record_consumer_poisoned(rx: &mut record::Consumer<u64>, e: RingError) -> Result<(), String> {
-    let again = [
-        rx.poisoned(),
-        rx.read(usize::MAX).map(|_| ()).err(),
-        rx.try_pop().err(),
-        rx.available().err(),
-    ];
-    for (i, got) in again.iter().enumerate() {
-        if *got != Some(e) {
-            return Err(format!("record consumer call {i} after {e:?} returned {got:?}"));
-        }
-    }
-    Ok(())
-}
-
-fn record_producer_poisoned(tx: &mut record::Producer<u64>, e: RingError) -> Result<(), String> {
-    let again = [
-        tx.poisoned(),
-        match tx.try_push(1) {
-            Err(record::PushError::Broken(x)) => Some(x),
-            _ => None,
-        },
-        tx.push_slice(&[1, 2, 3]).err(),
-    ];
-    for (i, got) in again.iter().enumerate() {
-        if *got != Some(e) {
-            return Err(format!("record producer call {i} after {e:?} returned {got:?}"));
         }
     }
     Ok(())
@@ -551,75 +483,6 @@ fn frame_producer_attach_checks_positions() {
     }
 }
 
-const RCAP: usize = 16;
-
-fn records() -> (RegionRef, record::Producer<u64>, record::Consumer<u64>) {
-    let region = RegionRef::heap(record::region_size::<u64>(RCAP));
-    let (tx, rx) = record::channel::<u64>(region.clone()).unwrap();
-    (region, tx, rx)
-}
-
-#[test]
-fn record_tail_beyond_capacity() {
-    let (region, _tx, mut rx) = records();
-    set_pos(&region, TAIL, RCAP as u64 + 1);
-    let want = RingError::TailOutOfRange {
-        head: 0,
-        tail: RCAP as u64 + 1,
-        capacity: RCAP as u64,
-    };
-    assert_eq!(rx.read(usize::MAX).map(|g| g.len()), Err(want));
-    record_consumer_poisoned(&mut rx, want).unwrap();
-    set_pos(&region, TAIL, 0);
-    record_consumer_poisoned(&mut rx, want).unwrap();
-}
-
-#[test]
-fn record_tail_moved_back() {
-    let (region, mut tx, mut rx) = records();
-    assert_eq!(tx.push_slice(&[1, 2, 3, 4, 5]).unwrap(), 5);
-    assert_eq!(rx.read(usize::MAX).unwrap().len(), 5);
-    set_pos(&region, TAIL, 2);
-    let want = RingError::TailMovedBack { last: 5, now: 2 };
-    assert_eq!(rx.try_pop(), Err(want));
-    record_consumer_poisoned(&mut rx, want).unwrap();
-}
-
-#[test]
-fn record_head_out_of_range() {
-    for bad_head in [2u64, 21, u64::MAX] {
-        let (region, mut tx, mut rx) = records();
-        assert_eq!(tx.push_slice(&[7; RCAP]).unwrap(), RCAP);
-        rx.read(4).unwrap().commit();
-        assert_eq!(tx.push_slice(&[8; 4]).unwrap(), 4);
-        assert_eq!(ring::positions(&region), (4, 20));
-        set_pos(&region, HEAD, bad_head);
-        let want = RingError::HeadOutOfRange {
-            head: bad_head,
-            tail: 20,
-            last_head: 4,
-        };
-        assert_eq!(tx.try_push(1), Err(record::PushError::Broken(want)));
-        record_producer_poisoned(&mut tx, want).unwrap();
-    }
-}
-
-#[test]
-fn record_producer_attach_checks_positions() {
-    for (head, tail) in [(5u64, 4u64), (0, RCAP as u64 + 1)] {
-        let (region, _tx, _rx) = records();
-        set_pos(&region, HEAD, head);
-        set_pos(&region, TAIL, tail);
-        let mut tx = record::Producer::<u64>::attach(region.clone()).unwrap();
-        let want = RingError::HeadOutOfRange {
-            head,
-            tail,
-            last_head: head,
-        };
-        record_producer_poisoned(&mut tx, want).unwrap();
-    }
-}
-
 // ------------------------------------------------------------------------------------------
 // Deterministic: scribble, then use the ring, in one thread
 // ------------------------------------------------------------------------------------------
@@ -684,7 +547,6 @@ fn check_frame(region: &RegionRef, f: &frame::Frame<'_>, read_bytes: bool) -> Re
 
 fn frame_round_trip(region: RegionRef, cap: usize, seed: u64, rounds: u32) -> Result<Seen, String> {
     let mut rng = Rng(seed);
-    let kind = Kind::Frames(cap);
     let mut seen = Seen::default();
     let payload = vec![0x5Au8; cap];
     let (mut tx, mut rx) = frame::channel(region.clone()).unwrap();
@@ -705,7 +567,7 @@ fn frame_round_trip(region: RegionRef, cap: usize, seed: u64, rounds: u32) -> Re
         }
         if rng.chance(3) {
             for _ in 0..1 + rng.below(2) {
-                scribble(&region, kind, &mut rng);
+                scribble(&region, cap, &mut rng);
             }
         }
         if rng.chance(50) {
@@ -752,16 +614,6 @@ fn frame_scribble_then_read() {
     }
 }
 
-fn check_records(region: &RegionRef, g: &[u64], read_values: bool) -> Result<(), String> {
-    if !in_data_area(region, g.as_ptr().cast(), std::mem::size_of_val(g)) {
-        return Err(format!("records {:p}+{} outside the data area", g.as_ptr(), g.len()));
-    }
-    if read_values {
-        std::hint::black_box(g.iter().fold(0u64, |a, &b| a ^ b));
-    }
-    Ok(())
-}
-
 /// One checked `try_read`: `Ok(Ok(true))` a valid frame, `Ok(Ok(false))` empty,
 /// `Ok(Err(e))` a ring error after which the consumer was checked to be poisoned.
 fn read_frame(
@@ -779,84 +631,6 @@ fn read_frame(
     };
     frame_consumer_poisoned(rx, e)?;
     Ok(Err(e))
-}
-
-/// One checked `read(max)`, releasing `pick % (len + 1)` records: `Ok(Ok(len))` what was lent,
-/// `Ok(Err(e))` a ring error after which the consumer was checked to be poisoned.
-fn read_records(
-    region: &RegionRef,
-    rx: &mut record::Consumer<u64>,
-    max: usize,
-    pick: u64,
-    read_values: bool,
-) -> Result<Result<usize, RingError>, String> {
-    let e = match rx.read(max) {
-        Ok(g) => {
-            check_records(region, &g, read_values)?;
-            let len = g.len();
-            g.consume((pick % (len as u64 + 1)) as usize);
-            return Ok(Ok(len));
-        }
-        Err(e) => e,
-    };
-    record_consumer_poisoned(rx, e)?;
-    Ok(Err(e))
-}
-
-fn record_round_trip(region: RegionRef, cap: usize, seed: u64, rounds: u32) -> Result<Seen, String> {
-    let mut rng = Rng(seed);
-    let kind = Kind::Records(cap);
-    let mut seen = Seen::default();
-    let values: Vec<u64> = (0..2 * cap as u64).collect();
-    let (mut tx, mut rx) = record::channel::<u64>(region.clone()).unwrap();
-    for _ in 0..rounds {
-        let mut reset = false;
-        let n = rng.below(cap as u64 + 2) as usize;
-        match tx.push_slice(&values[..n]) {
-            Ok(_) => {}
-            Err(e) => {
-                seen.error(e);
-                record_producer_poisoned(&mut tx, e)?;
-                reset = true;
-            }
-        }
-        if rng.chance(3) {
-            scribble(&region, kind, &mut rng);
-        }
-        if rng.chance(50) {
-            rx = record::Consumer::attach(region.clone()).unwrap();
-        }
-        let max = if rng.chance(2) {
-            usize::MAX
-        } else {
-            rng.below(cap as u64) as usize
-        };
-        match read_records(&region, &mut rx, max, rng.next(), true)? {
-            Ok(0) => seen.empty += 1,
-            Ok(_) => seen.frames += 1,
-            Err(e) => {
-                seen.error(e);
-                reset = true;
-            }
-        }
-        if reset {
-            (tx, rx) = record::channel::<u64>(region.clone()).unwrap();
-        }
-    }
-    Ok(seen)
-}
-
-#[test]
-fn record_scribble_then_read() {
-    for (cap, seed) in [(4usize, 4u64), (64, 5)] {
-        let region = RegionRef::heap(record::region_size::<u64>(cap));
-        let seen = under_watchdog("record reader", move || record_round_trip(region, cap, seed, 50_000)).unwrap();
-        assert!(seen.frames > 10_000, "cap {cap}: {seen:?}");
-        assert!(seen.empty > 100, "cap {cap}: {seen:?}");
-        assert!(seen.tail_out_of_range > 0, "cap {cap}: {seen:?}");
-        assert!(seen.tail_moved_back > 0, "cap {cap}: {seen:?}");
-        assert!(seen.head_out_of_range > 0, "cap {cap}: {seen:?}");
-    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -877,7 +651,7 @@ static RACING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Starts a thread that scribbles over `region` until `stop`, counting its writes.
 fn scribbler(
     region: RegionRef,
-    kind: Kind,
+    cap: usize,
     seed: u64,
     stop: Arc<AtomicBool>,
     count: Arc<AtomicU64>,
@@ -885,7 +659,7 @@ fn scribbler(
     std::thread::spawn(move || {
         let mut rng = Rng(seed);
         while !stop.load(Ordering::Relaxed) {
-            scribble(&region, kind, &mut rng);
+            scribble(&region, cap, &mut rng);
             count.fetch_add(1, Ordering::Relaxed);
             // Leave the ring alone for a moment now and then, so it also gets somewhere.
             for _ in 0..rng.below(64) {
@@ -902,13 +676,13 @@ fn scribbler(
 fn race<R: Send + 'static>(
     what: &str,
     region: &RegionRef,
-    kind: Kind,
+    cap: usize,
     seed: u64,
     reader: impl FnOnce(Arc<AtomicU64>) -> R + Send + 'static,
 ) -> R {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
-    let s = scribbler(region.clone(), kind, seed, stop.clone(), count.clone());
+    let s = scribbler(region.clone(), cap, seed, stop.clone(), count.clone());
     struct Stop(Arc<AtomicBool>);
     impl Drop for Stop {
         fn drop(&mut self) {
@@ -944,7 +718,7 @@ fn frame_reader_races_scribbler() {
     for (cap, seed) in [(256usize, 11u64), (4096, 12)] {
         let region = RegionRef::heap(frame::region_size(cap));
         let r = region.clone();
-        let seen = race("racing frame reader", &region, Kind::Frames(cap), seed, move |count| {
+        let seen = race("racing frame reader", &region, cap, seed, move |count| {
             let region = r;
             let mut rng = Rng(seed ^ 0xABCD);
             let mut seen = Seen::default();
@@ -988,67 +762,12 @@ fn frame_reader_races_scribbler() {
     }
 }
 
-#[test]
-fn record_reader_races_scribbler() {
-    let _racing = RACING.lock().unwrap_or_else(|p| p.into_inner());
-    for (cap, seed) in [(8usize, 21u64), (256, 22)] {
-        let region = RegionRef::heap(record::region_size::<u64>(cap));
-        let r = region.clone();
-        let seen = race(
-            "racing record reader",
-            &region,
-            Kind::Records(cap),
-            seed,
-            move |count| {
-                let region = r;
-                let mut rng = Rng(seed ^ 0xABCD);
-                let mut seen = Seen::default();
-                let values: Vec<u64> = (0..cap as u64).collect();
-                let mut tx = record::Producer::<u64>::attach(region.clone()).unwrap();
-                let mut rx = record::Consumer::<u64>::attach(region.clone()).unwrap();
-                let start = Instant::now();
-                let mut iters = 0u64;
-                while !raced_enough(iters, &count, start) {
-                    iters += 1;
-                    let mut broken = false;
-                    if let Err(e) = tx.push_slice(&values[..rng.below(cap as u64) as usize]) {
-                        seen.error(e);
-                        record_producer_poisoned(&mut tx, e)?;
-                        broken = true;
-                    }
-                    match read_records(&region, &mut rx, usize::MAX, rng.next(), false)? {
-                        Ok(0) => seen.empty += 1,
-                        Ok(_) => seen.frames += 1,
-                        Err(e) => {
-                            seen.error(e);
-                            broken = true;
-                        }
-                    }
-                    if broken {
-                        heal(&region, 1);
-                        rx = record::Consumer::attach(region.clone()).unwrap();
-                        tx = record::Producer::attach(region.clone()).unwrap();
-                    }
-                }
-                Ok::<_, String>((seen, iters, count.load(Ordering::Relaxed)))
-            },
-        );
-        let (seen, iters, scribbles) = seen.unwrap();
-        assert!(
-            iters >= RACE_FLOOR && scribbles >= RACE_FLOOR,
-            "too little racing: {iters} reads, {scribbles} scribbles"
-        );
-        assert!(seen.frames > 0 && seen.errors() > 0, "cap {cap}: {seen:?}");
-    }
-}
-
 // ------------------------------------------------------------------------------------------
 // Cross-process: a scribbler process against a reader over a real segment
 // ------------------------------------------------------------------------------------------
 
 const CHILD_VAR: &str = "PLUGBUS_HOSTILE_CHILD";
 const XCAP_FRAMES: u64 = 4096;
-const XCAP_RECORDS: u64 = 64;
 const X_SCRIBBLES: u64 = 300_000;
 
 struct ChildGuard(Child);
@@ -1062,7 +781,7 @@ impl Drop for ChildGuard {
     }
 }
 
-/// The hostile child: opens the segment and scribbles over both rings, then reports how much.
+/// The hostile child: opens the segment and scribbles over its ring, then reports how much.
 #[test]
 fn child_scribbler() {
     let Ok(name) = std::env::var(CHILD_VAR) else {
@@ -1070,14 +789,9 @@ fn child_scribbler() {
     };
     let seg = Segment::open(&name).expect("open the segment");
     let frames = seg.ring_region(0).expect("frame ring");
-    let records = seg.ring_region(1).expect("record ring");
     let mut rng = Rng(0xC0FFEE);
-    for i in 0..X_SCRIBBLES {
-        if i % 2 == 0 {
-            scribble(&frames, Kind::Frames(XCAP_FRAMES as usize), &mut rng);
-        } else {
-            scribble(&records, Kind::Records(XCAP_RECORDS as usize), &mut rng);
-        }
+    for _ in 0..X_SCRIBBLES {
+        scribble(&frames, XCAP_FRAMES as usize, &mut rng);
         for _ in 0..rng.below(256) {
             std::hint::spin_loop();
         }
@@ -1089,14 +803,8 @@ fn child_scribbler() {
 fn reader_survives_scribbler_process() {
     let _racing = RACING.lock().unwrap_or_else(|p| p.into_inner());
     let name = unique_name("hostile");
-    let seg = Segment::create(
-        &name,
-        "hostile",
-        &[RingSpec::frames(XCAP_FRAMES), RingSpec::records::<u64>(XCAP_RECORDS)],
-    )
-    .unwrap();
+    let seg = Segment::create(&name, "hostile", &[RingSpec::frames(XCAP_FRAMES)]).unwrap();
     let frames = seg.ring_region(0).unwrap();
-    let records = seg.ring_region(1).unwrap();
     let exe = std::env::current_exe().unwrap();
     let child = Command::new(exe)
         .args(["--exact", "child_scribbler", "--nocapture", "--test-threads=1"])
@@ -1114,25 +822,16 @@ fn reader_survives_scribbler_process() {
         std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Seen, String> {
             let mut seen = Seen::default();
             let payload = vec![0x33u8; XCAP_FRAMES as usize];
-            let values: Vec<u64> = (0..XCAP_RECORDS).collect();
             let mut rng = Rng(99);
             let (mut ftx, mut frx) = (
                 frame::Producer::attach(frames.clone()).unwrap(),
                 frame::Consumer::attach(frames.clone()).unwrap(),
-            );
-            let (mut rtx, mut rrx) = (
-                record::Producer::<u64>::attach(records.clone()).unwrap(),
-                record::Consumer::<u64>::attach(records.clone()).unwrap(),
             );
             while !stop_reader.load(Ordering::Relaxed) {
                 let len = rng.below(XCAP_FRAMES / 2) as usize;
                 if let Err(frame::ReserveError::Broken(e)) = ftx.try_push(1 + rng.below(9) as u32, &payload[..len]) {
                     seen.error(e);
                     frame_producer_poisoned(&mut ftx, e)?;
-                }
-                if let Err(e) = rtx.push_slice(&values[..rng.below(XCAP_RECORDS) as usize]) {
-                    seen.error(e);
-                    record_producer_poisoned(&mut rtx, e)?;
                 }
                 // Another process may write the payload while it is read: the threat model the
                 // ring is built for. Touch every byte of it.
@@ -1144,19 +843,9 @@ fn reader_survives_scribbler_process() {
                         (ftx, frx) = frame::channel(frames.clone()).unwrap();
                     }
                 }
-                match read_records(&records, &mut rrx, usize::MAX, rng.next(), true)? {
-                    Ok(_) => {}
-                    Err(e) => {
-                        seen.error(e);
-                        (rtx, rrx) = record::channel::<u64>(records.clone()).unwrap();
-                    }
-                }
                 // A broken producer: start the ring afresh (only this thread uses it here).
                 if ftx.poisoned().is_some() {
                     (ftx, frx) = frame::channel(frames.clone()).unwrap();
-                }
-                if rtx.poisoned().is_some() {
-                    (rtx, rrx) = record::channel::<u64>(records.clone()).unwrap();
                 }
             }
             Ok(seen)

@@ -1,22 +1,17 @@
-//! Model-based tests of both ring kinds: random operation sequences run against the real ring
+//! Model-based tests of the frame ring: random operation sequences run against the real ring
 //! (over a small heap region) and against a `VecDeque` model that predicts every result exactly.
 //!
-//! Capacities are small (4 to 64 records, 64 to 1024 frame bytes) so that wrap-around, the full
-//! edge and the empty edge come up all the time. Each test counts how often the interesting
-//! edges were hit across all cases and fails if the generators stopped reaching them.
-//!
-//! The model follows the documented behaviour, including the cached-index pattern where it is
-//! visible: a record consumer re-reads `tail` only when its cached copy says "empty", so a read
-//! lends at most up to the tail it last saw.
+//! Capacities are small (64 to 1024 bytes) so that wrap-around, padding, the full edge and the
+//! empty edge come up all the time. Each test counts how often the interesting edges were hit
+//! across all cases and fails if the generators stopped reaching them.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt::Debug;
 
-use plugbus::ring::{self, CONTROL_SIZE, RegionRef, frame, record};
+use plugbus::ring::{self, CONTROL_SIZE, RegionRef, frame};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Runs `test` over `strategy` with at least proptest's default 256 cases (`PROPTEST_CASES`
 /// can raise it; fewer would starve the edge counters), without writing regression files; a
@@ -41,319 +36,6 @@ where
 fn data_area(region: &RegionRef) -> (usize, usize) {
     let base = region.as_ptr() as usize;
     (base + CONTROL_SIZE, base + region.len())
-}
-
-// ------------------------------------------------------------------------------------------
-// Record ring
-// ------------------------------------------------------------------------------------------
-
-/// A record type the model can build from a sequence number.
-trait Val: record::Record + PartialEq + Debug {
-    fn make(n: u64) -> Self;
-}
-
-impl Val for u64 {
-    fn make(n: u64) -> Self {
-        n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ n
-    }
-}
-
-/// 12 bytes, alignment 4: a record whose size is not a power of two.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
-struct Odd {
-    a: u32,
-    b: u32,
-    c: u32,
-}
-
-impl Val for Odd {
-    fn make(n: u64) -> Self {
-        Self {
-            a: n as u32,
-            b: (n >> 32) as u32 ^ 0xA5A5_A5A5,
-            c: !(n as u32),
-        }
-    }
-}
-
-/// What happens to a read guard.
-#[derive(Debug, Clone)]
-enum Then {
-    Drop,
-    Commit,
-    Consume(usize),
-}
-
-#[derive(Debug, Clone)]
-enum RecOp {
-    /// `try_push` one record.
-    Push,
-    /// `push_slice` of a batch of this many.
-    PushSlice(usize),
-    /// `read(max)`; optionally `push_slice` a batch while the guard is held; then release.
-    Read {
-        max: usize,
-        held_push: Option<usize>,
-        then: Then,
-    },
-    /// `try_pop`.
-    Pop,
-    /// `available`.
-    Available,
-}
-
-fn rec_op(cap: usize) -> impl Strategy<Value = RecOp> {
-    let batch = 0..=2 * cap + 1;
-    let max = prop_oneof![
-        2 => Just(usize::MAX),
-        1 => Just(0usize),
-        3 => 1..=cap + 1,
-    ];
-    let then = prop_oneof![
-        Just(Then::Drop),
-        Just(Then::Commit),
-        (0..=cap + 1).prop_map(Then::Consume),
-    ];
-    prop_oneof![
-        4 => Just(RecOp::Push),
-        4 => batch.clone().prop_map(RecOp::PushSlice),
-        5 => (max, proptest::option::weighted(0.25, batch), then)
-            .prop_map(|(max, held_push, then)| RecOp::Read { max, held_push, then }),
-        3 => Just(RecOp::Pop),
-        1 => Just(RecOp::Available),
-    ]
-}
-
-fn rec_case() -> impl Strategy<Value = (usize, Vec<RecOp>)> {
-    (2u32..=6)
-        .prop_map(|s| 1usize << s)
-        .prop_flat_map(|cap| (Just(cap), proptest::collection::vec(rec_op(cap), 1..300)))
-}
-
-/// The record ring as the documentation describes it.
-struct RecModel {
-    cap: u64,
-    head: u64,
-    tail: u64,
-    /// The consumer's cached tail: refreshed only when it equals `head`.
-    cached_tail: u64,
-    /// Sequence numbers of the records in the ring, oldest first.
-    q: VecDeque<u64>,
-    next: u64,
-}
-
-impl RecModel {
-    fn free(&self) -> u64 {
-        self.cap - (self.tail - self.head)
-    }
-
-    fn available(&mut self) -> u64 {
-        if self.cached_tail == self.head {
-            self.cached_tail = self.tail;
-        }
-        self.cached_tail - self.head
-    }
-
-    /// How many records `read(max)` lends: one contiguous run, up to the end of the data area.
-    fn lend(&mut self, max: usize) -> u64 {
-        let avail = self.available();
-        let start = self.head % self.cap;
-        avail.min(self.cap - start).min(max as u64)
-    }
-
-    fn release(&mut self, n: u64) {
-        for _ in 0..n {
-            self.q.pop_front();
-        }
-        self.head += n;
-    }
-
-    /// Sequence numbers for a batch of `n`.
-    fn batch(&mut self, n: usize) -> Vec<u64> {
-        let b = (self.next..self.next + n as u64).collect();
-        self.next += n as u64;
-        b
-    }
-}
-
-#[derive(Default, Debug)]
-struct RecStats {
-    full: u64,
-    partial_batches: u64,
-    wrapped_batches: u64,
-    cut_at_end: u64,
-    empty_reads: u64,
-    held_pushes: u64,
-    partial_consumes: u64,
-}
-
-fn check_records<T: Val>(cap: usize, ops: &[RecOp], stats: &mut RecStats) -> Result<(), TestCaseError> {
-    let region = RegionRef::heap(record::region_size::<T>(cap));
-    let (data_start, data_end) = data_area(&region);
-    let (mut tx, mut rx) = record::channel::<T>(region.clone()).unwrap();
-    prop_assert_eq!(tx.capacity(), cap);
-    prop_assert_eq!(rx.capacity(), cap);
-    let mut m = RecModel {
-        cap: cap as u64,
-        head: 0,
-        tail: 0,
-        cached_tail: 0,
-        q: VecDeque::new(),
-        next: 0,
-    };
-    let size = std::mem::size_of::<T>();
-
-    // push_slice of `n` fresh records, checked against the model (which it updates).
-    let push_batch = |tx: &mut record::Producer<T>, m: &mut RecModel, n: usize, stats: &mut RecStats| {
-        let seqs = m.batch(n);
-        let values: Vec<T> = seqs.iter().map(|&s| T::make(s)).collect();
-        let expect = (n as u64).min(m.free()) as usize;
-        let got = tx.push_slice(&values).unwrap();
-        prop_assert_eq!(got, expect, "push_slice of {} with {} free", n, m.free());
-        if got < n {
-            stats.partial_batches += 1;
-        }
-        if got > 0 && (m.tail % m.cap) + got as u64 > m.cap {
-            stats.wrapped_batches += 1;
-        }
-        m.q.extend(&seqs[..got]);
-        m.tail += got as u64;
-        // The records that did not fit are never pushed; keep the sequence dense.
-        m.next -= (n - got) as u64;
-        Ok(())
-    };
-
-    for op in ops {
-        match *op {
-            RecOp::Push => {
-                let seq = m.next;
-                let v = T::make(seq);
-                match tx.try_push(v) {
-                    Ok(()) => {
-                        prop_assert!(m.free() > 0, "push succeeded on a full ring");
-                        m.next += 1;
-                        m.q.push_back(seq);
-                        m.tail += 1;
-                    }
-                    Err(record::PushError::Full(back)) => {
-                        prop_assert_eq!(m.free(), 0, "Full with free slots");
-                        prop_assert_eq!(back, v, "Full must hand the record back");
-                        stats.full += 1;
-                    }
-                    Err(e) => return Err(TestCaseError::fail(format!("push: {e}"))),
-                }
-            }
-            RecOp::PushSlice(n) => push_batch(&mut tx, &mut m, n, stats)?,
-            RecOp::Read {
-                max,
-                held_push,
-                ref then,
-            } => {
-                let expect = m.lend(max);
-                let start = (m.head % m.cap) as usize;
-                let guard = rx.read(max).unwrap();
-                prop_assert_eq!(guard.len() as u64, expect, "read({}) lent the wrong count", max);
-                if expect == 0 {
-                    stats.empty_reads += 1;
-                } else if start as u64 + expect == m.cap && m.cached_tail - m.head > expect && max as u64 > expect {
-                    stats.cut_at_end += 1;
-                }
-                // Lent in place, at the head's slot, inside the data area.
-                let p = guard.as_ptr() as usize;
-                prop_assert_eq!(p, data_start + start * size, "read lent from the wrong slot");
-                prop_assert!(p + guard.len() * size <= data_end);
-                let expected: Vec<T> = m.q.iter().take(expect as usize).map(|&s| T::make(s)).collect();
-                prop_assert_eq!(&guard[..], &expected[..]);
-                if let Some(n) = held_push {
-                    // The lent records are not released yet: the producer must not reuse them.
-                    stats.held_pushes += 1;
-                    push_batch(&mut tx, &mut m, n, stats)?;
-                    prop_assert_eq!(&guard[..], &expected[..], "a push overwrote lent records");
-                }
-                let released = match then {
-                    Then::Drop => {
-                        drop(guard);
-                        expect
-                    }
-                    Then::Commit => {
-                        guard.commit();
-                        expect
-                    }
-                    Then::Consume(k) => {
-                        guard.consume(*k);
-                        if (*k as u64) < expect {
-                            stats.partial_consumes += 1;
-                        }
-                        (*k as u64).min(expect)
-                    }
-                };
-                m.release(released);
-            }
-            RecOp::Pop => {
-                let n = m.lend(1);
-                let got = rx.try_pop().unwrap();
-                if n == 0 {
-                    prop_assert_eq!(got, None);
-                    stats.empty_reads += 1;
-                } else {
-                    prop_assert_eq!(got, Some(T::make(m.q[0])));
-                    m.release(1);
-                }
-            }
-            RecOp::Available => {
-                let expect = m.available();
-                prop_assert_eq!(rx.available().unwrap(), expect);
-            }
-        }
-        prop_assert_eq!(
-            ring::positions(&region),
-            (m.head, m.tail),
-            "shared positions after {:?}",
-            op
-        );
-        prop_assert_eq!(rx.poisoned(), None);
-        prop_assert_eq!(tx.poisoned(), None);
-    }
-
-    // Drain: every record still in the model comes out, in order, and then the ring is empty.
-    let mut rest = Vec::new();
-    loop {
-        let g = rx.read(usize::MAX).unwrap();
-        if g.is_empty() {
-            break;
-        }
-        rest.extend_from_slice(&g);
-    }
-    let expected: Vec<T> = m.q.iter().map(|&s| T::make(s)).collect();
-    prop_assert_eq!(rest, expected);
-    Ok(())
-}
-
-fn record_model<T: Val>() {
-    let stats = RefCell::new(RecStats::default());
-    run(rec_case(), |(cap, ops)| {
-        check_records::<T>(cap, &ops, &mut stats.borrow_mut())
-    });
-    let s = stats.into_inner();
-    // The generators must reach every edge; if they stop doing so this test proves nothing.
-    assert!(s.full > 0, "never hit Full: {s:?}");
-    assert!(s.partial_batches > 0, "no batch was cut short: {s:?}");
-    assert!(s.wrapped_batches > 0, "no batch wrapped around: {s:?}");
-    assert!(s.cut_at_end > 0, "no read was cut at the end of the data area: {s:?}");
-    assert!(s.empty_reads > 0, "never read an empty ring: {s:?}");
-    assert!(s.held_pushes > 0, "never pushed while a guard was held: {s:?}");
-    assert!(s.partial_consumes > 0, "never consumed part of a guard: {s:?}");
-}
-
-#[test]
-fn record_ring_u64_matches_model() {
-    record_model::<u64>();
-}
-
-#[test]
-fn record_ring_12_byte_records_match_model() {
-    record_model::<Odd>();
 }
 
 // ------------------------------------------------------------------------------------------
@@ -430,7 +112,12 @@ struct MFrame {
 /// The frame ring as the documentation describes it.
 struct FrameModel {
     cap: u64,
+    /// The consumer's own head: everything before it is released.
     head: u64,
+    /// The head the consumer last published (what the producer and `positions` see).
+    published_head: u64,
+    /// The tail the consumer last read.
+    cached_tail: u64,
     tail: u64,
     q: VecDeque<MFrame>,
     next_id: u64,
@@ -452,7 +139,7 @@ impl FrameModel {
         let off = self.tail % self.cap;
         let contiguous = self.cap - off;
         let needed = if total <= contiguous { total } else { contiguous + total };
-        let free = self.cap - (self.tail - self.head);
+        let free = self.cap - (self.tail - self.published_head);
         if free < needed {
             return Err(frame::ReserveError::Full {
                 needed: needed as usize,
@@ -464,6 +151,29 @@ impl FrameModel {
         } else {
             self.tail + contiguous
         })
+    }
+
+    /// The consumer re-reads `tail`, publishing its head first.
+    fn refresh(&mut self) {
+        self.published_head = self.head;
+        self.cached_tail = self.tail;
+    }
+
+    /// `try_read` and `is_empty` re-read `tail` only when the consumer has caught up with the
+    /// one it last read.
+    fn refresh_if_caught_up(&mut self) {
+        if self.cached_tail == self.head {
+            self.refresh();
+        }
+    }
+
+    /// A frame ending at `next` is released: published if that catches up with the cached tail
+    /// or leaves a quarter of the capacity unpublished.
+    fn release(&mut self, next: u64) {
+        self.head = next;
+        if next == self.cached_tail || next - self.published_head >= self.cap / 4 {
+            self.published_head = next;
+        }
     }
 
     fn publish(&mut self, kind: u32, payload: Vec<u8>, start: u64) {
@@ -491,6 +201,8 @@ struct FrameStats {
     abandoned_padded: u64,
     held_pushes: u64,
     empty_reads: u64,
+    /// Reads after which released bytes were left unpublished.
+    unpublished: u64,
 }
 
 fn check_frames(cap: usize, ops: &[FrameOp], stats: &mut FrameStats) -> Result<(), TestCaseError> {
@@ -500,6 +212,8 @@ fn check_frames(cap: usize, ops: &[FrameOp], stats: &mut FrameStats) -> Result<(
     let mut m = FrameModel {
         cap: cap as u64,
         head: 0,
+        published_head: 0,
+        cached_tail: 0,
         tail: 0,
         q: VecDeque::new(),
         next_id: 0,
@@ -629,6 +343,7 @@ fn check_frames(cap: usize, ops: &[FrameOp], stats: &mut FrameStats) -> Result<(
                 }
             }
             FrameOp::Read { held_push } => {
+                m.refresh_if_caught_up();
                 let got = rx.try_read().unwrap();
                 match (m.q.front(), got) {
                     (None, None) => stats.empty_reads += 1,
@@ -654,7 +369,10 @@ fn check_frames(cap: usize, ops: &[FrameOp], stats: &mut FrameStats) -> Result<(
                         }
                         drop(f);
                         let done = m.q.pop_front().unwrap();
-                        m.head = done.next;
+                        m.release(done.next);
+                        if m.published_head != m.head {
+                            stats.unpublished += 1;
+                        }
                     }
                     (want, got) => {
                         return Err(TestCaseError::fail(format!(
@@ -666,15 +384,17 @@ fn check_frames(cap: usize, ops: &[FrameOp], stats: &mut FrameStats) -> Result<(
                 }
             }
             FrameOp::Used => {
-                let used = (m.tail - m.head) as usize;
-                prop_assert_eq!(tx.used().unwrap(), used);
-                prop_assert_eq!(rx.used().unwrap(), used);
+                // The producer sees what the consumer published; the consumer publishes when it
+                // re-reads the tail.
+                prop_assert_eq!(tx.used().unwrap(), (m.tail - m.published_head) as usize);
+                m.refresh();
+                prop_assert_eq!(rx.used().unwrap(), (m.tail - m.head) as usize);
                 prop_assert_eq!(rx.is_empty().unwrap(), m.q.is_empty());
             }
         }
         prop_assert_eq!(
             ring::positions(&region),
-            (m.head, m.tail),
+            (m.published_head, m.tail),
             "shared positions after {:?}",
             op
         );
@@ -714,6 +434,7 @@ fn frame_ring_matches_model() {
     );
     assert!(s.held_pushes > 0, "never pushed while a frame was held: {s:?}");
     assert!(s.empty_reads > 0, "never read an empty ring: {s:?}");
+    assert!(s.unpublished > 0, "never left a release unpublished: {s:?}");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -773,7 +494,7 @@ fn bad_region_shapes_are_refused() {
     use plugbus::ring::RingLayoutError;
     let r = RegionRef::heap(CONTROL_SIZE + 3 * 8);
     assert!(matches!(
-        record::channel::<u64>(r).err(),
+        frame::channel(r).err(),
         Some(RingLayoutError::NotPowerOfTwo {
             data_bytes: 24,
             unit: 8
@@ -781,7 +502,7 @@ fn bad_region_shapes_are_refused() {
     ));
     let r = RegionRef::heap(CONTROL_SIZE + 4);
     assert!(matches!(
-        record::channel::<u64>(r).err(),
+        frame::channel(r).err(),
         Some(RingLayoutError::TooSmall { .. })
     ));
     let r = RegionRef::heap(CONTROL_SIZE + 8);

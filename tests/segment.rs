@@ -30,10 +30,10 @@ fn shm_path(name: &str) -> PathBuf {
     PathBuf::from("/dev/shm").join(name)
 }
 
-/// A segment with a frame ring and a record ring, and its size.
+/// A segment with two frame rings of different sizes, and its size.
 fn two_rings(tag: &str) -> (Segment, u64) {
     let name = unique_name(tag);
-    let seg = Segment::create(&name, tag, &[RingSpec::frames(4096), RingSpec::records::<u64>(64)]).unwrap();
+    let seg = Segment::create(&name, tag, &[RingSpec::frames(4096), RingSpec::frames(512)]).unwrap();
     let size = seg.len() as u64;
     // The untouched segment opens: whatever fails later is the corruption's doing.
     Segment::open_unattached(&name).expect("a fresh segment opens");
@@ -208,7 +208,7 @@ fn too_many_rings() {
 fn ring_offset_beyond_the_end() {
     let (seg, size) = two_rings("ring-end");
     let d = seg.rings()[1];
-    let ring_len = d.capacity * u64::from(d.unit) + plugbus::ring::CONTROL_SIZE as u64;
+    let ring_len = d.capacity + plugbus::ring::CONTROL_SIZE as u64;
     write_at(seg.name(), desc(1, offset_of!(RingDesc, offset)), &size.to_ne_bytes());
     // The header's segment size matches the file; the ring claims bytes past it. `open`
     // reports that as "shorter than the header says", naming the byte the ring needs.
@@ -295,9 +295,11 @@ fn ring_offset_misplaced() {
 
 #[test]
 fn ring_kind_and_unit() {
-    let cases: [(usize, usize, u32, &str); 4] = [
+    let cases: [(usize, usize, u32, &str); 5] = [
         (0, offset_of!(RingDesc, kind), 0, "kind"),
         (1, offset_of!(RingDesc, kind), 7, "kind"),
+        // Kind 1 was the record ring, which plugbus no longer has.
+        (1, offset_of!(RingDesc, kind), 1, "kind"),
         (0, offset_of!(RingDesc, unit), 16, "unit"),
         (1, offset_of!(RingDesc, unit), 0, "unit"),
     ];
@@ -326,7 +328,7 @@ fn descriptors_round_trip() {
     );
     assert_eq!(
         (RingKind::from_u32(d[1].kind), d[1].capacity, d[1].unit),
-        (Some(RingKind::Record), 64, 8)
+        (Some(RingKind::Frame), 512, 8)
     );
     assert_eq!(other.header().fixed.magic.load(Ordering::Acquire), MAGIC);
     assert_eq!(other.header().fixed.creator_pid, std::process::id());
@@ -416,9 +418,8 @@ fn bad_ring_specs_are_refused_at_creation() {
     let cases = [
         vec![spec(RingKind::Frame, 8, 100)],
         vec![spec(RingKind::Frame, 8, 32)],
-        vec![spec(RingKind::Record, 0, 64)],
-        vec![spec(RingKind::Record, 8, 0)],
-        vec![spec(RingKind::Record, 8, 1 << 62)],
+        vec![spec(RingKind::Frame, 8, 0)],
+        vec![spec(RingKind::Frame, 8, 1 << 62)],
         vec![RingSpec::frames(64); MAX_RINGS + 1],
     ];
     for rings in cases {

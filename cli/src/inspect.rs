@@ -63,11 +63,11 @@ pub fn inspect() -> Result<(), String> {
         for (i, (d, head, tail)) in s.rings.iter().enumerate() {
             let name = ["moves", "control", "replies"].get(i).copied().unwrap_or("ring");
             let bytes = d.data_bytes();
-            let used = tail.saturating_sub(*head) * if d.kind == 1 { u64::from(d.unit) } else { 1 };
+            let used = tail.saturating_sub(*head);
             println!(
                 "  {name:<8} {:>6.1}% full ({used} of {bytes} bytes), {} bytes through",
                 used as f64 * 100.0 / bytes.max(1) as f64,
-                tail * if d.kind == 1 { u64::from(d.unit) } else { 1 }
+                tail
             );
         }
         let c = &s.creator_counters;

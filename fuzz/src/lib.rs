@@ -24,7 +24,7 @@ use plugbus::codec::{self, BatchBuilder, HostDecoder, HostMessage, PluginDecoder
 use plugbus::fastpath::{self, MoveRecord};
 use plugbus::ffi::{self as c, connection as cc, event as ce, host as ch};
 use plugbus::proto::{EventEnvelope, HostToPlugin, PluginToHost};
-use plugbus::ring::{CONTROL_SIZE, RegionRef, RingError, frame, record};
+use plugbus::ring::{CONTROL_SIZE, RegionRef, RingError, frame};
 use plugbus::segment::Segment;
 use plugbus::sync::{AtomicU64, Ordering};
 use prost::Message;
@@ -433,15 +433,6 @@ pub fn segment(data: &[u8]) {
                     match rx.try_read() {
                         Ok(Some(f)) => assert!(f.payload().len() <= rx_cap_half(d.data_bytes())),
                         _ => break,
-                    }
-                }
-            }
-        }
-        if let Ok(region) = seg.record_region::<MoveRecord>(i) {
-            if let Ok(mut rx) = record::Consumer::<MoveRecord>::attach(region) {
-                for _ in 0..=d.capacity + 2 {
-                    if !matches!(rx.try_pop(), Ok(Some(_))) {
-                        break;
                     }
                 }
             }
@@ -1027,11 +1018,7 @@ fn segment_seeds() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for rings in [
         vec![RingSpec::frames(4096)],
-        vec![
-            RingSpec::frames(1024),
-            RingSpec::frames(1024),
-            RingSpec::records::<MoveRecord>(16),
-        ],
+        vec![RingSpec::frames(1024), RingSpec::frames(512)],
         vec![],
     ] {
         let name = unique_name("fuzzseed");

@@ -336,9 +336,24 @@ impl Grant<'_> {
 }
 
 /// The reading end of a frame ring. One per ring, in one thread at a time.
+///
+/// Releasing a frame (dropping it) moves the consumer's own `head`; the shared `head`, which the
+/// producer reads, is published with one store when the consumer has caught up with the `tail`
+/// it last read, when it is about to read `tail` again (so before [`Consumer::try_read`] or
+/// [`Consumer::is_empty`] reports an empty ring, and in [`Consumer::used`]), and at least every
+/// quarter of the capacity. A consumer working through a backlog thus stores `head` a few times
+/// per lap instead of once per frame, and the producer, which reads `head` whenever the ring
+/// looks full, is not handed one frame's worth of space at a time. [`Consumer::release`]
+/// publishes at once; a consumer dropped with frames released but unpublished leaves them for
+/// the next one attached to read again.
 pub struct Consumer {
     ring: Ring,
+    /// Position of the next frame (everything before it is released).
     head: u64,
+    /// The `head` last stored in the shared control block.
+    published_head: u64,
+    /// Publish once this many released bytes are unpublished (a quarter of the capacity).
+    publish_every: u64,
     cached_tail: u64,
     poison: Option<RingError>,
 }
@@ -352,9 +367,12 @@ impl Consumer {
         let ring = Ring::new(region)?;
         // Acquire: pairs with the Release stores of the producer / a previous consumer.
         let head = ring.control().head.load(Ordering::Acquire);
+        let publish_every = ring.capacity / 4;
         let mut c = Self {
             ring,
             head,
+            published_head: head,
+            publish_every,
             cached_tail: head,
             poison: None,
         };
@@ -382,6 +400,7 @@ impl Consumer {
     /// Re-reads `tail` and validates it. Returns the bytes readable.
     #[inline]
     fn refresh(&mut self) -> Result<u64, RingError> {
+        self.release();
         // Acquire: pairs with the producer's Release store of `tail` in `Grant::commit_len`, so
         // every frame below the new tail (headers, payloads, padding) is visible.
         let tail = self.ring.control().tail.load(Ordering::Acquire);
@@ -431,12 +450,31 @@ impl Consumer {
         if self.is_empty()? {
             return Ok(None);
         }
+        // The common case, kept small enough to inline: a real frame that fits everything the
+        // slow path checks. Anything else (padding, or a frame that fails a check) goes through
+        // the slow path, which reads the same header again and decides.
+        let avail = self.cached_tail - self.head;
+        let off = self.ring.offset(self.head);
+        let (len, kind) = self.ring.read_header(off);
+        let total = frame_size(len as usize) as u64;
+        let limit = avail.min(self.ring.capacity - off).min(self.ring.capacity / 2);
+        if kind != PADDING && kind != 0 && total <= limit {
+            return Ok(Some(self.lend(off, len, kind, total)));
+        }
+        self.try_read_slow()
+    }
+
+    /// [`Consumer::try_read`] past a padding frame, or on a header that breaks the protocol.
+    #[cold]
+    #[inline(never)]
+    fn try_read_slow(&mut self) -> Result<Option<Frame<'_>>, RingError> {
         // At most two headers: a padding frame, then a real frame at offset 0. A padding frame
         // at offset 0 would span the whole ring, which no producer writes; it fails validation.
         for _ in 0..2 {
             let avail = self.cached_tail - self.head;
             if avail == 0 {
-                self.release_to(self.head);
+                // Only padding was left: release it, and publish before reporting empty.
+                self.release();
                 return Ok(None);
             }
             let off = self.ring.offset(self.head);
@@ -464,32 +502,54 @@ impl Consumer {
                     available: limit.saturating_sub(HEADER as u64),
                 }));
             }
-            self.ring
-                .control()
-                .tracker
-                .read((off + HEADER as u64) / 8, u64::from(len).div_ceil(8));
-            // SAFETY: off + total <= capacity (checked just above against `contiguous`), so the
-            // payload lies inside the data area (a pointer into it, no reference is formed).
-            let payload = unsafe { self.ring.data.as_ptr().add((off + HEADER as u64) as usize) };
-            let next = self.head + total;
-            return Ok(Some(Frame {
-                kind,
-                payload,
-                len: len as usize,
-                next,
-                consumer: self,
-            }));
+            return Ok(Some(self.lend(off, len, kind, total)));
         }
         let pos = self.head;
         Err(self.fail(RingError::BadPadding { pos, len: 0 }))
     }
 
+    /// The frame at data offset `off` (position `head`), whose header was checked: `total`
+    /// (its size in the ring) is at most the bytes published and the bytes before the end.
     #[inline]
-    fn release_to(&mut self, pos: u64) {
-        self.head = pos;
-        // Release: pairs with the producer's Acquire load of `head` in `Producer::free`, so our
-        // reads of the released bytes happen before the producer reuses them.
-        self.ring.control().head.store(pos, Ordering::Release);
+    fn lend(&mut self, off: u64, len: u32, kind: u32, total: u64) -> Frame<'_> {
+        self.ring
+            .control()
+            .tracker
+            .read((off + HEADER as u64) / 8, u64::from(len).div_ceil(8));
+        // SAFETY: off + total <= capacity (checked by the callers against the bytes before the
+        // end), so the payload lies inside the data area (a pointer into it, no reference).
+        let payload = unsafe { self.ring.data.as_ptr().add((off + HEADER as u64) as usize) };
+        let next = self.head + total;
+        Frame {
+            kind,
+            payload,
+            len: len as usize,
+            next,
+            consumer: self,
+        }
+    }
+
+    /// Publishes the consumer's `head`: every frame released so far becomes free space for the
+    /// producer. Done by the ring itself at the points listed on [`Consumer`]; call it to hand
+    /// space back at once (before pausing mid-backlog, say).
+    #[inline]
+    pub fn release(&mut self) {
+        if self.published_head != self.head {
+            self.published_head = self.head;
+            // Release: pairs with the producer's Acquire load of `head` in `Producer::free`, so
+            // our reads of the released bytes happen before the producer reuses them.
+            self.ring.control().head.store(self.head, Ordering::Release);
+        }
+    }
+
+    /// Releases the frame ending at `next` (moves `head`), publishing when the rules on
+    /// [`Consumer`] say so.
+    #[inline]
+    fn release_to(&mut self, next: u64) {
+        self.head = next;
+        if next == self.cached_tail || next - self.published_head >= self.publish_every {
+            self.release();
+        }
     }
 }
 

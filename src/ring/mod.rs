@@ -2,17 +2,17 @@
 //!
 //! A ring region is `[control block][data area]`. The control block holds the two positions,
 //! `tail` (written only by the producer) and `head` (written only by the consumer), each on its
-//! own 128-byte line. The data area holds records or frames. Nothing in the region is a pointer,
+//! own 128-byte line. The data area holds frames. Nothing in the region is a pointer,
 //! so the same region works in two processes that map it at different addresses.
 //!
-//! Positions are `u64` counters that only grow (records for a [`record`] ring, bytes for a
-//! [`frame`] ring); the capacity is a power of two and `pos & (capacity - 1)` indexes the data.
+//! Positions are `u64` counters that only grow (bytes of [`frame`]s); the capacity is a power of two and `pos & (capacity - 1)` indexes the data.
 //! Each side keeps a private cached copy of the other side's position and re-reads the shared
 //! one only when the cache says "full" (producer) or "empty" (consumer).
 //!
-//! Memory ordering, for both ring kinds:
+//! Memory ordering:
 //! - the producer writes the payload, then stores `tail` with Release;
-//! - the consumer loads `tail` with Acquire, reads the payload, then stores `head` with Release;
+//! - the consumer loads `tail` with Acquire, reads the payload, then stores `head` with Release
+//!   (for a run of released frames at once: see [`frame::Consumer`] for when);
 //! - the producer loads `head` with Acquire before it reuses the space the consumer released.
 //!
 //! The peer is untrusted: every position, length and kind read from the region is checked. A
@@ -31,7 +31,6 @@
 
 pub mod doorbell;
 pub mod frame;
-pub mod record;
 mod region;
 
 pub use doorbell::Doorbell;
@@ -155,7 +154,7 @@ pub enum RingLayoutError {
     /// The data area (region minus control block) is not a power of two of the unit.
     #[error(
         "ring data area of {data_bytes} bytes is not a power-of-two number of {unit}-byte units \
-         (use ring::record::region_size or ring::frame::region_size)"
+         (use ring::frame::region_size)"
     )]
     NotPowerOfTwo {
         /// Bytes after the control block.

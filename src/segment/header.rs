@@ -33,18 +33,16 @@ pub const COUNTERS: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum RingKind {
-    /// A [`crate::ring::record`] ring: `capacity` records of `unit` bytes.
-    Record = 1,
-    /// A [`crate::ring::frame`] ring: `capacity` data bytes (`unit` is 8).
+    /// A [`crate::ring::frame`] ring: `capacity` data bytes (`unit` is 8). (Kind 1 was a ring
+    /// of fixed-size records, which plugbus no longer has; a segment with one is refused.)
     Frame = 2,
 }
 
 impl RingKind {
-    /// Data bytes of a ring of this kind with `capacity` units of `unit` bytes (a frame ring's
-    /// capacity already counts bytes), or `None` on overflow.
-    pub fn data_bytes(self, capacity: u64, unit: u32) -> Option<u64> {
+    /// Data bytes of a ring of this kind with `capacity` units (a frame ring's capacity
+    /// already counts bytes), or `None` on overflow.
+    pub fn data_bytes(self, capacity: u64) -> Option<u64> {
         match self {
-            Self::Record => capacity.checked_mul(u64::from(unit)),
             Self::Frame => Some(capacity),
         }
     }
@@ -52,7 +50,6 @@ impl RingKind {
     /// Decodes a stored kind.
     pub fn from_u32(v: u32) -> Option<Self> {
         match v {
-            1 => Some(Self::Record),
             2 => Some(Self::Frame),
             _ => None,
         }
@@ -65,9 +62,9 @@ impl RingKind {
 pub struct RingDesc {
     /// Byte offset of the ring region (control block first) from the segment start.
     pub offset: u64,
-    /// Capacity in units (records, or bytes for a frame ring); a power of two.
+    /// Capacity in data bytes; a power of two.
     pub capacity: u64,
-    /// Record size in bytes (8 for a frame ring).
+    /// Unit of the capacity in bytes (8 for a frame ring, its alignment).
     pub unit: u32,
     /// [`RingKind`] as u32.
     pub kind: u32,
@@ -80,7 +77,7 @@ impl RingDesc {
     /// [`Segment::open`]: crate::segment::Segment::open
     pub fn data_bytes(&self) -> u64 {
         RingKind::from_u32(self.kind)
-            .and_then(|k| k.data_bytes(self.capacity, self.unit))
+            .and_then(|k| k.data_bytes(self.capacity))
             .unwrap_or(0)
     }
 }

@@ -65,11 +65,11 @@ pub const MEMFD_PREFIX: &str = "memfd:";
 /// One ring of a segment to create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingSpec {
-    /// Record or frame ring.
+    /// The ring's kind (a frame ring: [`RingSpec::frames`]).
     pub kind: RingKind,
-    /// Record size in bytes (ignored for frame rings, which use 8).
+    /// Ignored: a frame ring's unit is 8.
     pub unit: u32,
-    /// Capacity in records, or data bytes for a frame ring; a power of two.
+    /// Data bytes; a power of two, at least 64.
     pub capacity: u64,
 }
 
@@ -83,19 +83,8 @@ impl RingSpec {
         }
     }
 
-    /// A record ring of `capacity` records of type `T`.
-    pub const fn records<T>(capacity: u64) -> Self {
-        Self {
-            kind: RingKind::Record,
-            unit: std::mem::size_of::<T>() as u32,
-            capacity,
-        }
-    }
-
     fn region_len(&self) -> Option<u64> {
-        self.kind
-            .data_bytes(self.capacity, self.unit)?
-            .checked_add(CONTROL_SIZE as u64)
+        self.kind.data_bytes(self.capacity)?.checked_add(CONTROL_SIZE as u64)
     }
 }
 
@@ -347,12 +336,8 @@ fn layout(rings: &[RingSpec]) -> Result<(Vec<RingDesc>, u64), SegmentCreateError
         };
         let unit = match spec.kind {
             RingKind::Frame => 8,
-            RingKind::Record => spec.unit,
         };
-        if unit == 0 || unit as usize > 1 << 20 {
-            return Err(bad("record size must be between 1 byte and 1 MiB"));
-        }
-        if !spec.capacity.is_power_of_two() || (spec.kind == RingKind::Frame && spec.capacity < 64) {
+        if !spec.capacity.is_power_of_two() || spec.capacity < 64 {
             return Err(bad("capacity must be a power of two (at least 64 bytes for frames)"));
         }
         let spec = RingSpec { unit, ..*spec };
@@ -814,12 +799,6 @@ impl Segment {
         self.typed_region(index, RingKind::Frame, 8)
     }
 
-    /// The region of ring `index`, checked to be a record ring of `T` (its record size must be
-    /// `size_of::<T>()`, so a reader never misreads another layout).
-    pub fn record_region<T>(&self, index: usize) -> Result<RegionRef, SegmentOpenError> {
-        self.typed_region(index, RingKind::Record, std::mem::size_of::<T>() as u32)
-    }
-
     fn typed_region(&self, index: usize, kind: RingKind, unit: u32) -> Result<RegionRef, SegmentOpenError> {
         let corrupt = |reason: String| SegmentOpenError::Corrupt {
             name: self.name.clone(),
@@ -970,10 +949,10 @@ fn validate(h: &Header, name: &str, actual: u64) -> Result<Vec<RingDesc>, Segmen
         let Some(kind) = RingKind::from_u32(d.kind) else {
             return Err(corrupt(format!("ring {i} has unknown kind {}", d.kind)));
         };
-        if d.unit == 0 || (kind == RingKind::Frame && d.unit != 8) {
+        if d.unit != 8 {
             return Err(corrupt(format!("ring {i} has unit {}", d.unit)));
         }
-        if !d.capacity.is_power_of_two() || (kind == RingKind::Frame && d.capacity < 64) {
+        if !d.capacity.is_power_of_two() || d.capacity < 64 {
             return Err(corrupt(format!(
                 "ring {i} capacity {} is not a power of two (at least 64 for frames)",
                 d.capacity
@@ -983,7 +962,7 @@ fn validate(h: &Header, name: &str, actual: u64) -> Result<Vec<RingDesc>, Segmen
             return Err(corrupt(format!("ring {i} offset {} is misplaced", d.offset)));
         }
         let end = kind
-            .data_bytes(d.capacity, d.unit)
+            .data_bytes(d.capacity)
             .and_then(|b| b.checked_add(CONTROL_SIZE as u64))
             .and_then(|b| b.checked_add(d.offset));
         match end {

@@ -171,16 +171,17 @@ fn write_frames(
 ) -> Result<usize, ReserveError> {
     let per = max_records_per_frame(producer).max(1);
     let frames = records.len().div_ceil(per);
-    // Check room for the whole tick first, so a tick is never half-delivered. Padding may be
-    // needed once per wrap; a frame is at most half the ring, so counting one padding of at
-    // most a frame's size per frame is a safe upper bound.
-    let needed: usize = records
-        .chunks(per)
-        .map(|c| 2 * frame::frame_size(HEADER_LEN + c.len() * RECORD_LEN))
-        .sum();
-    let used = producer.used()?;
-    let free = producer.capacity() - used;
-    if free < needed {
+    // Check room for the whole tick first (padding included), so a tick is never
+    // half-delivered.
+    let needed = producer.bytes_needed(records.chunks(per).map(|c| HEADER_LEN + c.len() * RECORD_LEN));
+    if needed > producer.capacity() {
+        return Err(ReserveError::TooLarge {
+            len: needed,
+            max: producer.capacity(),
+        });
+    }
+    if !producer.has_room(needed)? {
+        let free = producer.capacity() - producer.used()?;
         return Err(ReserveError::Full { needed, free });
     }
     let mut chunks = records.chunks(per).peekable();
@@ -383,4 +384,44 @@ pub fn from_packed(p: &proto::PlayerMovementsPacked, out: &mut Vec<MoveRecord>) 
         }
     }
     bad
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::ring::RegionRef;
+
+    /// A tick of more records than one frame holds goes out as several frames (all but the
+    /// last flagged "more"), whole, wherever the ring's positions stand, and the reader gets
+    /// every record in order; a tick larger than the ring is refused as too large.
+    #[test]
+    fn a_tick_larger_than_a_frame_is_written_whole_in_several_frames() {
+        let (mut tx, mut rx) = frame::channel(RegionRef::heap(frame::region_size(1 << 12))).unwrap();
+        let per = max_records_per_frame(&tx);
+        let records: Vec<MoveRecord> = (0..per + 3)
+            .map(|i| MoveRecord::new([i as u8; 16], [i as f64, 0.0, 0.0], 0.0, 0.0))
+            .collect();
+        for tick in 0..40u64 {
+            // A one-record frame between ticks moves the ring's positions around.
+            write_frame(&mut tx, 1000 + tick, 0, &records[..1]).unwrap();
+            assert_eq!(write_frame(&mut tx, tick, 0, &records).unwrap(), 2);
+            let one = rx.try_read().unwrap().unwrap();
+            assert_eq!(parse(one.payload()).unwrap().0.tick, 1000 + tick);
+            drop(one);
+            let mut got = Vec::new();
+            for k in 0..2 {
+                let f = rx.try_read().unwrap().expect("every frame of the tick");
+                let (h, r) = parse(f.payload()).unwrap();
+                assert_eq!((h.tick, h.continues()), (tick, k < 1));
+                got.extend_from_slice(r);
+            }
+            assert_eq!(got, records);
+        }
+        // Two full frames and one more record: more than the whole ring.
+        let huge = vec![MoveRecord::default(); 2 * per + 1];
+        assert!(matches!(
+            write_frame(&mut tx, 0, 0, &huge),
+            Err(ReserveError::TooLarge { .. })
+        ));
+    }
 }

@@ -585,7 +585,8 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     report.wakeups_handed_over = metrics.plugins.values().map(|p| p.wakeups_handed_over).sum();
     report.wake_windows = metrics.host.wake_windows;
     report.wake_windows_used = metrics.host.wake_windows_used;
-    report.wake_thread_cpu_percent = metrics.host.wake_window_ns as f64 / 1e9 / run_started.elapsed().as_secs_f64() * 100.0;
+    report.wake_thread_cpu_percent =
+        metrics.host.wake_window_ns as f64 / 1e9 / run_started.elapsed().as_secs_f64() * 100.0;
     report.host_allocs_per_event = if steady_offered > 0 {
         steady_allocs as f64 / steady_offered as f64
     } else {

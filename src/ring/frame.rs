@@ -197,6 +197,25 @@ impl Producer {
     /// Whether `bytes` bytes are free (refreshes the consumer's head only if the cache says
     /// fewer). A frame with a `len`-byte payload needs `frame_size(len)` bytes, plus padding
     /// when it would cross the end of the ring (never for an empty payload).
+    /// Bytes that frames with these payload lengths take when written one after the other
+    /// from the current tail: their sizes plus every padding frame the wraps need.
+    pub fn bytes_needed(&self, lens: impl IntoIterator<Item = usize>) -> usize {
+        let cap = self.ring.capacity;
+        let mut off = self.ring.offset(self.tail);
+        let mut total = 0u64;
+        for len in lens {
+            let size = frame_size(len) as u64;
+            let contiguous = cap - off;
+            if size > contiguous {
+                total += contiguous;
+                off = 0;
+            }
+            total += size;
+            off = (off + size) & (cap - 1);
+        }
+        total as usize
+    }
+
     #[inline]
     pub fn has_room(&mut self, bytes: usize) -> Result<bool, RingError> {
         Ok(self.free(bytes as u64)? >= bytes as u64)

@@ -49,6 +49,7 @@ mod launch;
 mod logsink;
 mod metrics;
 mod pending;
+mod recycle;
 mod slot;
 pub mod stats;
 mod supervise;
@@ -165,7 +166,7 @@ pub enum Notice {
 }
 
 /// An action a plugin asked for, in arrival order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ActionItem {
     /// The plugin that sent it.
     pub plugin: String,
@@ -174,7 +175,7 @@ pub struct ActionItem {
 }
 
 /// A log line a plugin sent (`LogMessage`), in arrival order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LogItem {
     /// The plugin that sent it.
     pub plugin: String,
@@ -196,8 +197,16 @@ pub struct Host {
     next_event_id: u64,
     pending: HashMap<u64, PendingEvent>,
     target_pool: Vec<Vec<Target>>,
+    /// Encoded updates of answers not merged yet (small buffers, reused).
+    update_pool: BufferPool,
+    /// The message answers are merged into (its variant's allocations reused).
+    merged: proto::EventResult,
     actions: VecDeque<ActionItem>,
     logs: VecDeque<LogItem>,
+    /// Items given back by the server, for the next actions and log lines.
+    recycler: recycle::Recycler,
+    /// The actions of the batch being read (reused).
+    staged_actions: Vec<ActionItem>,
     notices: VecDeque<Notice>,
     scratch: Vec<u8>,
     moves: Vec<MoveRecord>,
@@ -291,10 +300,16 @@ impl Host {
             subs: (0..128).map(|_| Vec::new()).collect(),
             tick: 0,
             next_event_id: 1,
-            pending: HashMap::new(),
+            // Room for the events of a few ticks awaiting their outcomes: no rehash in steady
+            // state.
+            pending: HashMap::with_capacity(256),
             target_pool: Vec::new(),
+            update_pool: BufferPool::new(256, 64),
+            merged: proto::EventResult::default(),
             actions: VecDeque::new(),
             logs: VecDeque::new(),
+            recycler: recycle::Recycler::default(),
+            staged_actions: Vec::new(),
             notices: VecDeque::new(),
             scratch: Vec::with_capacity(4096),
             moves: Vec::new(),
@@ -460,6 +475,19 @@ impl Host {
             s.held.log_bytes = 0;
         }
         self.logs.drain(..)
+    }
+
+    /// Gives back an action taken with [`Host::next_action`] or [`Host::drain_actions`] once the
+    /// server is done with it: a later action of its kind is decoded into it, reusing its
+    /// strings. With every action given back, taking actions allocates nothing in steady state.
+    pub fn recycle_action(&mut self, item: ActionItem) {
+        self.recycler.give_action(item);
+    }
+
+    /// Gives back a log line taken with [`Host::next_log`] or [`Host::drain_logs`] (see
+    /// [`Host::recycle_action`]).
+    pub fn recycle_log(&mut self, item: LogItem) {
+        self.recycler.give_log(item);
     }
 
     /// Notices since the last call (plugins ready, disconnected, restarted, slow...).

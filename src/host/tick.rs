@@ -170,7 +170,7 @@ impl Host {
                 s.wake_if_dirty();
             }
             if respond {
-                targets.push(Target { slot: i, result: None });
+                targets.push(Target::new(i));
             }
         }
         self.stats.encode_ns.record(encode_started.elapsed().as_nanos() as u64);

@@ -22,11 +22,11 @@
 //! since what the tick thread hands it is part of the path; tests that start a host run one at a
 //! time ([`HOSTS`]), so that only one log thread runs.
 
+use plugbus::sync::{AtomicBool, AtomicU64, Ordering};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::fmt::Write as _;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use plugbus::codec::{self, BatchBuilder, BufferPool, EnvelopePool, HostDecoder, HostMessage};

@@ -37,6 +37,15 @@
 //! them and, when a plugin sleeps, wakes it. Each plugin's ordered stream is kept in
 //! `slot.rs`. The wire is the transport port's business ([`crate::transport`]).
 //!
+//! **Steady state without allocation.** Publishing, dispatching, ending ticks and reading
+//! answers allocate nothing once warm. So does taking outcomes, actions and log lines when the
+//! server hands back what it took: keep one [`Outcome`] and take outcomes with
+//! [`Host::poll_outcome_into`] / [`Host::wait_into`]; give actions and log lines back with
+//! [`Host::recycle_action`] / [`Host::recycle_log`]; send action results with
+//! [`Host::send_action_result_ref`] from a reused [`proto::ActionResult`]. (A mutation with an
+//! `optional string` field, such as a chat mutation, still allocates its string when decoded.)
+//! `tests/alloc_free.rs` checks all of it with a counting allocator.
+//!
 //! **Merge rule for events that expect a response.** If any plugin that answered cancels, the
 //! event is cancelled. Otherwise the mutations are applied in ascending plugin priority (ties
 //! broken by plugin id, ascending): each later mutation's set fields overwrite the earlier

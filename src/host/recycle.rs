@@ -9,14 +9,16 @@
 use super::{ActionItem, LogItem};
 use crate::codec::Reusable as _;
 
-/// Most idle action items kept, over all kinds.
-const MAX_ACTIONS: usize = 4096;
+/// Most idle action items kept, over all kinds (with [`MAX_ITEM_BYTES`], about 4 MiB at most).
+const MAX_ACTIONS: usize = 1024;
 /// Most action kinds with a list of their own (a plugin may invent numbers).
 const MAX_KINDS: usize = 64;
 /// Most idle log items kept.
-const MAX_LOGS: usize = 4096;
-/// An idle item holding more than this many bytes of strings is dropped rather than kept.
-const MAX_ITEM_BYTES: usize = 16 << 10;
+const MAX_LOGS: usize = 1024;
+/// An item given back holding more than this many bytes (an action's encoding, a log line's
+/// capacity) is dropped rather than kept. An action's strings only grow by decoding a larger
+/// action into them, which then exceeds this when given back: kept items stay about this size.
+const MAX_ITEM_BYTES: usize = 4 << 10;
 
 /// Idle action items by kind (so that a taken item holds the variant it will be decoded into,
 /// with its strings' capacity), and idle log items.

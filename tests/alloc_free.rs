@@ -4,30 +4,53 @@
 //!   (alone, and gathered in a [`BatchBuilder`]);
 //! - decoding both on the plugin side ([`HostDecoder`], [`fastpath::parse`]);
 //! - the same through the real host and plugin runtimes (`Tick::publish_move`,
-//!   `Tick::publish`, `end_tick`, `Plugin::poll`), host and plugin in this process.
+//!   `Tick::publish`, `end_tick`, `Plugin::poll`), host and plugin in this process;
+//! - events that expect a response, through those runtimes: `Tick::dispatch`, two plugins'
+//!   answers (`Reply::Ack`, `Reply::Cancel`, `Reply::Mutate`), the host reading them and
+//!   merging the outcome (`Host::poll_outcome_into`, `Host::wait_into`);
+//! - actions: sent by a plugin through its `Context`, taken by the host (`Host::next_action`,
+//!   `Host::recycle_action`), their results sent back (`Host::send_action_result_ref`) and
+//!   received by the plugin (`Handler::on_action_result`);
+//! - log lines: sent through `Context::log`, taken by the host (`Host::drain_logs`,
+//!   `Host::recycle_log`) and written by the host's log thread.
 //!
 //! The counter is per thread, so the test harness's other threads cannot disturb it; producer
 //! and consumer run in the measuring thread. After a warm-up, every iteration must allocate
 //! exactly nothing. When one does, the failing iteration is run again with [`trap`] set, which
-//! prints the backtrace of each allocation, so the report says where.
+//! prints the backtrace of each allocation, so the report says where. The host's log thread
+//! is the one other thread whose allocations are counted (by its name, in a global counter),
+//! since what the tick thread hands it is part of the path; tests that start a host run one at a
+//! time ([`HOSTS`]), so that only one log thread runs.
 
+use plugbus::sync::{AtomicBool, AtomicU64, Ordering};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use plugbus::codec::{self, BatchBuilder, BufferPool, EnvelopePool, HostDecoder, HostMessage};
 use plugbus::fastpath::{self, MoveFrameHeader, MoveFrameWriter, MoveRecord};
-use plugbus::host::{Host, HostConfig, PluginConfig};
+use plugbus::host::{ActionItem, Host, HostConfig, LogItem, Outcome, PluginConfig};
 use plugbus::plugin::{Context, Handler, Plugin, Reply, WaitStrategy};
-use plugbus::proto::{EventEnvelope, EventType, event_envelope::Payload};
+use plugbus::proto::{
+    ActionResult, ActionStatus, EventEnvelope, EventType, PlayerFoodLossMutation, action, event_envelope::Payload,
+    event_result,
+};
 use plugbus::ring::{RegionRef, frame};
 
 // ------------------------------------------------------------------------------------------
 // The counting allocator
 // ------------------------------------------------------------------------------------------
 
+/// Allocations made by host log threads (`plugbus-plugin-log`), whatever the test.
+static LOG_THREAD_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+/// Print a backtrace for each allocation of a log thread.
+static LOG_THREAD_TRAP: AtomicBool = AtomicBool::new(false);
+
 thread_local! {
+    /// Whether this thread is a host's log thread: 0 not known yet, 1 yes, 2 no.
+    static LOG_THREAD: Cell<u8> = const { Cell::new(0) };
     /// Allocations (alloc, alloc_zeroed, realloc) made by this thread.
     static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
     /// Print a backtrace for each allocation of this thread.
@@ -38,9 +61,40 @@ thread_local! {
 
 struct Counting;
 
+/// Whether the calling thread is a host's log thread, by its name (read with `prctl`, which
+/// allocates nothing; the kernel keeps 15 bytes of it). Cached once the thread has a name.
+fn is_log_thread() -> bool {
+    let known = LOG_THREAD.try_with(Cell::get).unwrap_or(2);
+    if known != 0 {
+        return known == 1;
+    }
+    let mut name = [0u8; 16];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes (the name and its NUL) into the buffer whose
+    // address it is given; `name` is 16 bytes and lives across the call.
+    let r = unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr() as libc::c_ulong, 0, 0, 0) };
+    if r != 0 || name[0] == 0 {
+        return false;
+    }
+    let yes = name.starts_with(b"plugbus-plugin-");
+    let _ = LOG_THREAD.try_with(|c| c.set(if yes { 1 } else { 2 }));
+    yes
+}
+
 fn counted() {
     // `try_with`: a thread being torn down has no counter; its allocations are not ours.
     let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+    if is_log_thread() {
+        // Relaxed: a count, read after the log thread had time to finish.
+        LOG_THREAD_ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        if LOG_THREAD_TRAP.load(Ordering::Relaxed) && !IN_TRAP.try_with(Cell::get).unwrap_or(true) {
+            IN_TRAP.set(true);
+            eprintln!(
+                "allocation on the log thread in steady state:\n{}",
+                std::backtrace::Backtrace::force_capture()
+            );
+            IN_TRAP.set(false);
+        }
+    }
     if TRAP.try_with(Cell::get).unwrap_or(false) && !IN_TRAP.try_with(Cell::get).unwrap_or(true) {
         IN_TRAP.set(true);
         eprintln!(
@@ -357,8 +411,12 @@ fn mixed_event_types_decode_without_allocating() {
 // The host and plugin runtimes, in one process
 // ------------------------------------------------------------------------------------------
 
-/// Time between two host ticks in [`host_ticks_with_100_moves_and_a_chat_allocate_nothing`].
-const TICK_GAP: Duration = Duration::from_millis(2);
+/// Time between two host ticks in the tests of the runtimes: ticks are spaced as in a game
+/// (shorter, to keep the tests short), so the host's health checks (every 50 ms) run inside
+/// the measured ticks too.
+const TICK_GAP: Duration = Duration::from_micros(500);
+/// Ticks measured after the warm-up in each test of the runtimes.
+const STEADY_TICKS: u64 = 2_000;
 
 #[derive(Default)]
 struct Counter {
@@ -380,48 +438,73 @@ impl Handler for Counter {
     }
 }
 
-#[test]
-fn host_ticks_with_100_moves_and_a_chat_allocate_nothing() {
-    let mut host = Host::start(HostConfig::new(vec![PluginConfig::attached("alloc_free")])).expect("host");
-    let segment = host
-        .address_of("alloc_free")
-        .expect("segment")
-        .trim_start_matches("shm:")
-        .to_owned();
-    let mut plugin = std::thread::scope(|s| {
-        let connecting = s.spawn(|| {
-            Plugin::builder(&segment, "alloc_free")
-                .subscribe([EventType::PlayerMove, EventType::Chat])
-                .wait(WaitStrategy::Spin)
-                .hello_timeout(Duration::from_secs(30))
-                .connect()
-        });
-        assert!(host.wait_ready(Duration::from_secs(30)), "the plugin connects");
-        connecting.join().expect("connect thread").expect("handshake")
+/// Tests that start a host take this lock: one host (and one log thread) at a time, and the
+/// two cores of a CI machine are not shared by several spinning hosts.
+static HOSTS: Mutex<()> = Mutex::new(());
+
+/// A host with one attached plugin per `(id, priority)`, each connected in this process
+/// (driven by `Plugin::poll` on the test's thread) and subscribed to `events`.
+fn host_with_plugins(plugins: &[(&str, i32)], events: &[EventType]) -> (Host, Vec<Plugin>) {
+    let configs = plugins
+        .iter()
+        .map(|&(id, priority)| PluginConfig::attached(id).priority(priority))
+        .collect();
+    let mut host = Host::start(HostConfig::new(configs)).expect("host");
+    let segments: Vec<String> = plugins
+        .iter()
+        .map(|(id, _)| {
+            host.address_of(id)
+                .expect("segment")
+                .trim_start_matches("shm:")
+                .to_owned()
+        })
+        .collect();
+    let connected = std::thread::scope(|s| {
+        let connecting: Vec<_> = plugins
+            .iter()
+            .zip(&segments)
+            .map(|(&(id, _), segment)| {
+                s.spawn(move || {
+                    Plugin::builder(segment, id)
+                        .subscribe(events.iter().copied())
+                        .wait(WaitStrategy::Spin)
+                        .hello_timeout(Duration::from_secs(30))
+                        .connect()
+                })
+            })
+            .collect();
+        assert!(host.wait_ready(Duration::from_secs(30)), "the plugins connect");
+        connecting
+            .into_iter()
+            .map(|c| c.join().expect("connect thread").expect("handshake"))
+            .collect::<Vec<_>>()
     });
-    // The subscription may arrive after the hello: wait until a chat is no longer filtered.
-    let mut pool = EnvelopePool::default();
-    let mut handler = Counter::default();
-    for attempt in 0.. {
-        assert!(attempt < 10_000, "the plugin's subscription never arrived");
-        let before = host.metrics().host.filtered;
-        let mut chat = build_chat(&mut pool, 0);
-        chat.expects_response = false;
-        host.begin_tick().publish(&mut chat);
-        pool.give(chat);
-        plugin.poll(&mut handler).expect("plugin poll");
-        if host.metrics().host.filtered == before {
-            break;
-        }
+    // The subscriptions may arrive after the hello: wait until each plugin is subscribed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !plugins
+        .iter()
+        .all(|(id, _)| events.iter().all(|&e| host.is_subscribed(id, e)))
+    {
+        assert!(Instant::now() < deadline, "the plugins' subscriptions never arrived");
+        host.poll();
         std::thread::sleep(Duration::from_millis(1));
     }
+    (host, connected)
+}
 
+#[test]
+fn host_ticks_with_100_moves_and_a_chat_allocate_nothing() {
+    let _one_host = HOSTS.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut host, mut plugins) = host_with_plugins(&[("alloc_free", 0)], &[EventType::PlayerMove, EventType::Chat]);
+    let mut plugin = plugins.pop().expect("one plugin");
+    let mut pool = EnvelopePool::default();
+    let mut handler = Counter::default();
     let mut records = players(100);
     let mut sent_x = 0.0;
     let chats_before = handler.chats;
     let mut steady_ticks = 0;
     let started = std::time::Instant::now();
-    assert_steady_state_allocates_nothing("host tick with 100 moves and a chat", 50, 400, |i| {
+    assert_steady_state_allocates_nothing("host tick with 100 moves and a chat", 50, STEADY_TICKS, |i| {
         for r in &mut records {
             r.x += 0.25;
         }
@@ -438,13 +521,294 @@ fn host_ticks_with_100_moves_and_a_chat_allocate_nothing() {
         plugin.poll(&mut handler).expect("plugin poll");
         sent_x += records.iter().map(|r| r.x).sum::<f64>();
         steady_ticks += 1;
-        // Ticks are spaced as in a game (shorter, to keep the test short): the host's health
-        // checks (every 50 ms) then run inside the measured ticks too.
         std::thread::sleep(TICK_GAP);
     });
     assert_eq!(handler.chats - chats_before, steady_ticks, "every chat arrived");
     assert_eq!(handler.moves, 100 * steady_ticks, "every move arrived");
     assert_eq!(handler.x, sent_x, "the plugin read the positions the host published");
     eprintln!("{steady_ticks} ticks in {:?}", started.elapsed());
+    host.shutdown("done");
+}
+
+// ------------------------------------------------------------------------------------------
+// Events that expect a response: dispatch, answers, the merged outcome
+// ------------------------------------------------------------------------------------------
+
+/// Answers as plugin `who` (0 or 1) of [`dispatch_answers_and_outcomes_allocate_nothing`]:
+/// plugin 0 cancels every "gg" chat; on a food loss to `k`, plugin 0 changes it to `k - 1` and
+/// plugin 1 (which merges last) to `k - 2` when `k` is even, else it acks.
+struct Answerer {
+    who: u8,
+    answered: u64,
+}
+
+impl Handler for Answerer {
+    fn on_event(&mut self, _ctx: &mut Context<'_>, event: &EventEnvelope) -> Reply {
+        self.answered += 1;
+        match &event.payload {
+            Some(Payload::Chat(c)) if self.who == 0 && c.message == "gg" => Reply::Cancel,
+            Some(Payload::PlayerFoodLoss(f)) if self.who == 0 => {
+                Reply::Mutate(event_result::Update::PlayerFoodLoss(PlayerFoodLossMutation {
+                    to: Some(f.to - 1),
+                }))
+            }
+            Some(Payload::PlayerFoodLoss(f)) if f.to % 2 == 0 => {
+                Reply::Mutate(event_result::Update::PlayerFoodLoss(PlayerFoodLossMutation {
+                    to: Some(f.to - 2),
+                }))
+            }
+            _ => Reply::Ack,
+        }
+    }
+}
+
+fn check_answered(o: &Outcome, id: u64) {
+    assert_eq!(o.event_id, id);
+    assert!(o.late.is_empty(), "late: {:?}", o.late);
+    // Merge order: ascending priority.
+    assert_eq!(o.answered.len(), 2);
+    assert_eq!(
+        (o.answered[0].as_str(), o.answered[1].as_str()),
+        ("answer_a", "answer_b")
+    );
+}
+
+#[test]
+fn dispatch_answers_and_outcomes_allocate_nothing() {
+    let _one_host = HOSTS.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut host, mut plugins) = host_with_plugins(
+        &[("answer_a", 1), ("answer_b", 2)],
+        &[EventType::Chat, EventType::PlayerFoodLoss],
+    );
+    let mut handlers = [Answerer { who: 0, answered: 0 }, Answerer { who: 1, answered: 0 }];
+    let mut pool = EnvelopePool::default();
+    // Kept from one event to the next: its lists, names and mutation are reused.
+    let mut out = Outcome::default();
+    let (mut cancelled, mut mutated) = (0, 0);
+    let started = Instant::now();
+    assert_steady_state_allocates_nothing("dispatch, answers and outcomes", 50, STEADY_TICKS, |i| {
+        let mut tick = host.begin_tick();
+        let mut chat = build_chat(&mut pool, i);
+        let chat_pending = tick.dispatch(&mut chat);
+        pool.give(chat);
+        let mut food = pool.take(EventType::PlayerFoodLoss);
+        if let Some(Payload::PlayerFoodLoss(f)) = &mut food.payload {
+            f.player_uuid.push_str("8d3f0c6e-93c5-4c2f-9b7b-3f1b3c1f2a10");
+            f.name.push_str("Steve");
+            f.from = 20;
+            f.to = (i % 20) as i32;
+        }
+        let food_pending = tick.dispatch(&mut food);
+        pool.give(food);
+        tick.end();
+        // Both plugins answer (their replies are in the host's rings when `poll` returns).
+        for (p, h) in plugins.iter_mut().zip(&mut handlers) {
+            p.poll(h).expect("plugin poll");
+        }
+        // Polled: every plugin answered, so the outcome is complete.
+        assert!(host.poll_outcome_into(&chat_pending, &mut out), "chat outcome complete");
+        check_answered(&out, chat_pending.event_id());
+        assert_eq!(out.cancelled, MESSAGES[i as usize % MESSAGES.len()] == "gg");
+        assert_eq!(out.mutation, None);
+        cancelled += u64::from(out.cancelled);
+        // Waited for: returns at once, complete.
+        host.wait_into(&food_pending, Instant::now() + Duration::from_secs(5), &mut out);
+        check_answered(&out, food_pending.event_id());
+        assert!(!out.cancelled);
+        let k = (i % 20) as i32;
+        let want = if k % 2 == 0 { k - 2 } else { k - 1 };
+        match &out.mutation {
+            Some(event_result::Update::PlayerFoodLoss(m)) => assert_eq!(m.to, Some(want)),
+            other => panic!("food loss outcome: {other:?}"),
+        }
+        mutated += 1;
+        assert!(!host.is_pending(&chat_pending) && !host.is_pending(&food_pending));
+        std::thread::sleep(TICK_GAP);
+    });
+    assert!(cancelled >= STEADY_TICKS / 4, "cancelled {cancelled}");
+    assert!(mutated >= STEADY_TICKS);
+    assert!(handlers.iter().all(|h| h.answered >= 2 * STEADY_TICKS));
+    eprintln!(
+        "{STEADY_TICKS} ticks of 2 dispatches to 2 plugins in {:?}",
+        started.elapsed()
+    );
+    host.shutdown("done");
+}
+
+// ------------------------------------------------------------------------------------------
+// Actions and their results
+// ------------------------------------------------------------------------------------------
+
+/// Answers each chat with three actions, and counts the results that come back.
+#[derive(Default)]
+struct Actor {
+    results: u64,
+    ok: u64,
+}
+
+impl Handler for Actor {
+    fn on_event(&mut self, ctx: &mut Context<'_>, event: &EventEnvelope) -> Reply {
+        if let Some(Payload::Chat(c)) = &event.payload {
+            ctx.send_chat(&c.player_uuid, &c.message);
+            ctx.teleport(&c.player_uuid, [1.0, 64.0, -3.5], 90.0, 0.0);
+            ctx.execute_command(&c.player_uuid, "/say hi");
+        }
+        Reply::Ack
+    }
+    fn on_action_result(&mut self, _ctx: &mut Context<'_>, result: &ActionResult) {
+        assert!(result.correlation_id.starts_with('r'), "{:?}", result.correlation_id);
+        self.results += 1;
+        self.ok += u64::from(result.status.as_ref().is_some_and(|s| s.ok));
+    }
+}
+
+#[test]
+fn actions_and_action_results_allocate_nothing() {
+    let _one_host = HOSTS.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut host, mut plugins) = host_with_plugins(&[("actor", 0)], &[EventType::Chat]);
+    let mut plugin = plugins.pop().expect("one plugin");
+    let mut handler = Actor::default();
+    let mut pool = EnvelopePool::default();
+    let mut result = ActionResult {
+        status: Some(ActionStatus { ok: true, error: None }),
+        ..Default::default()
+    };
+    let mut taken: Vec<ActionItem> = Vec::with_capacity(16);
+    let mut actions = 0;
+    let started = Instant::now();
+    assert_steady_state_allocates_nothing("actions and action results", 50, STEADY_TICKS, |i| {
+        let mut tick = host.begin_tick();
+        let mut chat = build_chat(&mut pool, i);
+        chat.expects_response = false;
+        tick.publish(&mut chat);
+        pool.give(chat);
+        tick.end();
+        plugin.poll(&mut handler).expect("plugin poll");
+        host.poll();
+        // Taken one at a time on even ticks, drained into a reused list on odd ones; every item
+        // given back.
+        if i % 2 == 0 {
+            while let Some(item) = host.next_action() {
+                taken.push(item);
+            }
+        } else {
+            taken.extend(host.drain_actions());
+        }
+        assert_eq!(taken.len(), 3, "three actions per chat");
+        for (n, item) in taken.drain(..).enumerate() {
+            assert_eq!(item.plugin, "actor");
+            match (n, &item.action.kind) {
+                (0, Some(action::Kind::SendChat(a))) => {
+                    assert_eq!(a.message, MESSAGES[i as usize % MESSAGES.len()]);
+                }
+                (1, Some(action::Kind::Teleport(a))) => {
+                    assert_eq!(a.position.map(|p| p.y), Some(64.0));
+                }
+                (2, Some(action::Kind::ExecuteCommand(a))) => assert_eq!(a.command, "/say hi"),
+                other => panic!("unexpected action {other:?}"),
+            }
+            result.correlation_id.clear();
+            write!(result.correlation_id, "r{i}-{n}").expect("write");
+            assert!(host.send_action_result_ref(&item.plugin, &result));
+            host.recycle_action(item);
+            actions += 1;
+        }
+        // The plugin reads its results.
+        plugin.poll(&mut handler).expect("plugin poll");
+        std::thread::sleep(TICK_GAP);
+    });
+    // Warm-up and steady ticks alike.
+    assert_eq!(actions, 3 * (50 + STEADY_TICKS));
+    assert!(handler.results == actions && handler.ok == handler.results);
+    eprintln!(
+        "{STEADY_TICKS} ticks of 3 actions and results in {:?}",
+        started.elapsed()
+    );
+    host.shutdown("done");
+}
+
+// ------------------------------------------------------------------------------------------
+// Log lines
+// ------------------------------------------------------------------------------------------
+
+/// Logs two lines per chat, one of which the host's log thread must escape.
+struct Logger;
+
+const ESCAPED_LINE: &str = "two\nlines, a \u{1b}[2J and a back\\slash";
+
+impl Handler for Logger {
+    fn on_event(&mut self, ctx: &mut Context<'_>, event: &EventEnvelope) -> Reply {
+        if let Some(Payload::Chat(c)) = &event.payload {
+            ctx.log("info", &c.message);
+            ctx.log("warn", ESCAPED_LINE);
+        }
+        Reply::Ack
+    }
+}
+
+#[test]
+fn plugin_logs_allocate_nothing_on_the_tick_and_log_threads() {
+    let _one_host = HOSTS.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut host, mut plugins) = host_with_plugins(&[("logger", 0)], &[EventType::Chat]);
+    let mut plugin = plugins.pop().expect("one plugin");
+    let mut pool = EnvelopePool::default();
+    let mut taken: Vec<LogItem> = Vec::with_capacity(16);
+    let mut lines = 0;
+    let mut tick = |host: &mut Host, i: u64| {
+        let mut t = host.begin_tick();
+        let mut chat = build_chat(&mut pool, i);
+        chat.expects_response = false;
+        t.publish(&mut chat);
+        pool.give(chat);
+        t.end();
+        plugin.poll(&mut Logger).expect("plugin poll");
+        host.poll();
+        if i % 2 == 0 {
+            taken.extend(host.drain_logs());
+        } else {
+            while let Some(item) = host.next_log() {
+                taken.push(item);
+            }
+        }
+        assert_eq!(taken.len(), 2, "two lines per chat");
+        for item in taken.drain(..) {
+            assert_eq!(item.plugin, "logger");
+            match item.level.as_str() {
+                "info" => assert_eq!(item.message, MESSAGES[i as usize % MESSAGES.len()]),
+                "warn" => assert_eq!(item.message, ESCAPED_LINE),
+                other => panic!("level {other:?}"),
+            }
+            host.recycle_log(item);
+            lines += 1;
+        }
+        std::thread::sleep(TICK_GAP);
+    };
+    let warmup = 50;
+    for i in 0..warmup {
+        tick(&mut host, i);
+    }
+    // Counted from here on, on the log thread too (it had a tick gap to finish the warm-up).
+    let log_thread_before = LOG_THREAD_ALLOCATIONS.load(Ordering::Relaxed);
+    let started = Instant::now();
+    assert_steady_state_allocates_nothing("plugin log lines", 0, STEADY_TICKS, |i| tick(&mut host, warmup + i));
+    std::thread::sleep(Duration::from_millis(50));
+    let on_log_thread = LOG_THREAD_ALLOCATIONS.load(Ordering::Relaxed) - log_thread_before;
+    if on_log_thread > 0 {
+        eprintln!("the log thread allocated {on_log_thread} time(s); more ticks with its backtraces:");
+        LOG_THREAD_TRAP.store(true, Ordering::Relaxed);
+        let start = warmup + STEADY_TICKS;
+        for i in start..start + 100 {
+            tick(&mut host, i);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        LOG_THREAD_TRAP.store(false, Ordering::Relaxed);
+        panic!(
+            "the log thread allocated {on_log_thread} time(s) for {} steady-state lines",
+            2 * STEADY_TICKS
+        );
+    }
+    assert!(lines >= 2 * STEADY_TICKS);
+    assert_eq!(host.metrics().host.logs_dropped, 0, "the log thread kept up");
+    eprintln!("{STEADY_TICKS} ticks of 2 log lines in {:?}", started.elapsed());
     host.shutdown("done");
 }

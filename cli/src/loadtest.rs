@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use plugbus::fastpath::MoveRecord;
-use plugbus::host::{Hist, Host, HostConfig, MetricsSnapshot, PluginConfig, QueueSizes};
+use plugbus::host::{Hist, Host, HostConfig, MetricsSnapshot, Outcome, PluginConfig, QueueSizes};
 use plugbus::proto::EventType;
 use plugbus::segment::monotonic_ns;
 use serde::Serialize;
@@ -337,6 +337,8 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
     let mut cpu_start: Vec<Option<u64>> = Vec::new();
     let mut steady_started = Instant::now();
     let mut pendings = Vec::new();
+    // Reused for every outcome, as a game would (no allocation per answer).
+    let mut o = Outcome::default();
     let mut next = Instant::now() + tick_len;
     let mut last_progress = Instant::now();
     let mut window_events = 0u64;
@@ -474,7 +476,7 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
         }
         // The game waits for the answers it needs (chat, commands): the reply round trip.
         for p in pendings.drain(..) {
-            let o = host.wait(&p, Instant::now() + host.settings().response_timeout());
+            host.wait_into(&p, Instant::now() + host.settings().response_timeout(), &mut o);
             report.cancelled += u64::from(o.cancelled);
             report.mutated += u64::from(o.mutation.is_some());
             if o.late.is_empty() {
@@ -485,10 +487,14 @@ pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(
                 report.replies_late += o.late.len() as u64;
             }
         }
-        // The game takes what plugins sent (a host holds only so much per plugin); log lines
-        // already went to the log.
-        for _ in host.drain_actions() {}
-        for _ in host.drain_logs() {}
+        // The game takes what plugins sent (a host holds only so much per plugin) and gives the
+        // items back for reuse; log lines already went to the log.
+        while let Some(a) = host.next_action() {
+            host.recycle_action(a);
+        }
+        while let Some(l) = host.next_log() {
+            host.recycle_log(l);
+        }
         if killed_at.is_none() && killer.as_ref().is_some_and(std::thread::JoinHandle::is_finished) {
             killed_at = Some(
                 killer

@@ -375,29 +375,120 @@ fn last_field(mut bytes: &[u8], tag: u32) -> Result<&[u8], DecodeError> {
     found.ok_or(DecodeError::Framing("field missing"))
 }
 
+/// `PluginToHost.actions` (ActionBatch) field number.
+pub const PLUGIN_TO_HOST_ACTIONS: u32 = 20;
+/// `ActionBatch.actions` field number.
+pub const ACTION_BATCH_ACTIONS: u32 = 1;
+
+/// Whether `tag` is a variant of `PluginToHost.payload`.
+fn is_plugin_to_host_variant(tag: u32) -> bool {
+    i32::try_from(tag)
+        .ok()
+        .and_then(proto::plugin_to_host::Payload::default_for)
+        .is_some()
+}
+
+/// Whether `tag` is a variant of `Action.kind`.
+fn is_action_kind(tag: u32) -> bool {
+    i32::try_from(tag)
+        .ok()
+        .and_then(proto::action::Kind::default_for)
+        .is_some()
+}
+
+/// The field number of the `PluginToHost.payload` variant an encoded `PluginToHost` carries,
+/// as a decoder would keep it (the last variant field), if any.
+pub fn peek_plugin_to_host(bytes: &[u8]) -> Result<Option<u32>, DecodeError> {
+    peek_oneof(bytes, is_plugin_to_host_variant)
+}
+
+/// The field number of the `Action.kind` variant an encoded `Action` carries, if any.
+pub fn peek_action_kind(bytes: &[u8]) -> Result<Option<u32>, DecodeError> {
+    peek_oneof(bytes, is_action_kind)
+}
+
+/// Calls `f` with the encoding of each `Action` of an encoded `PluginToHost` whose payload is
+/// an `ActionBatch` (see [`peek_plugin_to_host`]), in order, without decoding the batch: the
+/// actions a decoder would keep (those of the `actions` fields after the last other payload
+/// variant, concatenated, as a decoder merges repeated occurrences). Returns their number.
+pub fn for_each_action(
+    bytes: &[u8],
+    mut f: impl FnMut(&[u8]) -> Result<(), DecodeError>,
+) -> Result<usize, DecodeError> {
+    // The payload a decoder keeps starts after the last variant that is not `actions`.
+    let mut start = bytes;
+    let mut rest = bytes;
+    while rest.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut rest)?;
+        prost::encoding::skip_field(wire_type, tag, &mut rest, DecodeContext::default())?;
+        if tag != PLUGIN_TO_HOST_ACTIONS && is_plugin_to_host_variant(tag) {
+            start = rest;
+        }
+    }
+    let mut n = 0;
+    let mut rest = start;
+    while rest.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut rest)?;
+        if tag != PLUGIN_TO_HOST_ACTIONS || wire_type != WireType::LengthDelimited {
+            prost::encoding::skip_field(wire_type, tag, &mut rest, DecodeContext::default())?;
+            continue;
+        }
+        let mut batch = take_len_delimited(&mut rest, "action batch runs past the frame")?;
+        while batch.has_remaining() {
+            let (tag, wire_type) = decode_key(&mut batch)?;
+            if tag == ACTION_BATCH_ACTIONS && wire_type == WireType::LengthDelimited {
+                f(take_len_delimited(&mut batch, "action runs past its batch")?)?;
+                n += 1;
+            } else {
+                prost::encoding::skip_field(wire_type, tag, &mut batch, DecodeContext::default())?;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// The body of a length-delimited field whose key was just read from `bytes`; advances past it.
+fn take_len_delimited<'a>(bytes: &mut &'a [u8], what: &'static str) -> Result<&'a [u8], DecodeError> {
+    let len = prost::encoding::decode_varint(bytes)?;
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&l| l <= bytes.len())
+        .ok_or(DecodeError::Framing(what))?;
+    let (body, rest) = bytes.split_at(len);
+    *bytes = rest;
+    Ok(body)
+}
+
+/// Distinct `PluginToHost` payload variants kept decoded (one reusable message each).
+const PLUGIN_SLOTS: usize = 64;
+
 /// Host-side decoder of `PluginToHost` frames. The bytes are first copied out of the ring
 /// (shared memory is untrusted: a plugin could change them while they are decoded), then
-/// decoded into a reused message.
+/// decoded into a reused message, one per payload variant, so that a plugin that alternates
+/// results and log lines allocates nothing in steady state. A new decoder allocates nothing
+/// until its first message.
 #[derive(Debug, Default)]
 pub struct PluginDecoder {
     copy: Vec<u8>,
-    msg: PluginToHost,
+    msgs: Vec<PluginToHost>,
 }
 
 impl PluginDecoder {
     /// Copies `payload` out and decodes it; the message is valid until the next call.
     pub fn decode(&mut self, payload: &[u8]) -> Result<&PluginToHost, DecodeError> {
-        self.copy.clear();
-        self.copy.extend_from_slice(payload);
-        decode_reuse(&mut self.msg, &self.copy)?;
-        Ok(&self.msg)
+        self.decode_mut(payload).map(|m| &*m)
     }
 
     /// Like [`PluginDecoder::decode`] but lends the message mutably (to move parts out).
     pub fn decode_mut(&mut self, payload: &[u8]) -> Result<&mut PluginToHost, DecodeError> {
         self.copy.clear();
         self.copy.extend_from_slice(payload);
-        decode_reuse(&mut self.msg, &self.copy)?;
-        Ok(&mut self.msg)
+        let number = peek_plugin_to_host(&self.copy)?.unwrap_or(0);
+        if self.msgs.is_empty() {
+            self.msgs.resize_with(PLUGIN_SLOTS, PluginToHost::default);
+        }
+        let msg = &mut self.msgs[(number as usize).min(PLUGIN_SLOTS - 1)];
+        decode_reuse(msg, &self.copy)?;
+        Ok(msg)
     }
 }

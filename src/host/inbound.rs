@@ -3,13 +3,21 @@
 
 use std::time::{Duration, Instant};
 
+use prost::encoding::{WireType, encode_key, encode_varint};
+
 use super::slot::{EventSet, SendOutcome, SlotState};
 use super::tick::overflow_reason;
-use super::{ActionItem, Host, LogItem, Notice, logsink};
+use super::{ActionItem, Host, Notice, logsink};
+use crate::codec::{self, PluginDecoder};
 use crate::proto::{
     self, ActionResult, HostHello, HostShutdown, HostToPlugin, ServerInformationResponse, host_to_plugin,
     plugin_to_host,
 };
+
+/// `HostToPlugin.plugin_id` field number.
+const HOST_TO_PLUGIN_PLUGIN_ID: u32 = 1;
+/// `HostToPlugin.action_result` field number.
+const HOST_TO_PLUGIN_ACTION_RESULT: u32 = 21;
 
 /// A decoded action list longer than this is not kept for reuse.
 const SHRINK_ABOVE: usize = 4096;
@@ -91,7 +99,81 @@ impl Host {
     }
 
     fn on_message(&mut self, i: usize, bytes: &[u8]) {
-        let msg = match self.decoder.decode_mut(bytes) {
+        // Actions are decoded one by one into recycled items, never as a whole batch.
+        if let Ok(Some(codec::PLUGIN_TO_HOST_ACTIONS)) = codec::peek_plugin_to_host(bytes) {
+            self.on_actions(i, bytes);
+            return;
+        }
+        // Lent out of `self` while the message is handled, so that its parts are read in place.
+        let mut decoder = std::mem::take(&mut self.decoder);
+        self.on_decoded(i, &mut decoder, bytes);
+        self.decoder = decoder;
+    }
+
+    /// Takes in an `ActionBatch`: each action decoded into an item from the recycler, the whole
+    /// batch refused (and the plugin disconnected) if it would pass the plugin's quota.
+    fn on_actions(&mut self, i: usize, bytes: &[u8]) {
+        let mut staged = std::mem::take(&mut self.staged_actions);
+        let mut bytes_held = 0;
+        let id = &self.slots[i].cfg.id;
+        let recycler = &mut self.recycler;
+        let r = codec::for_each_action(bytes, |body| {
+            let kind = codec::peek_action_kind(body)?.unwrap_or(0);
+            let mut item = recycler.take_action(kind).unwrap_or_else(|| ActionItem {
+                plugin: String::new(),
+                action: proto::Action::default(),
+            });
+            if let Err(e) = codec::decode_reuse(&mut item.action, body) {
+                recycler.give_action(item);
+                return Err(e);
+            }
+            item.plugin.push_str(id);
+            bytes_held += prost::Message::encoded_len(&item.action);
+            staged.push(item);
+            Ok(())
+        });
+        let n = staged.len();
+        let refusal = match r {
+            Err(e) => Some(Err(format!("malformed PluginToHost message: {e}"))),
+            Ok(_) => {
+                let (limit, limit_bytes) = (self.settings.max_queued_actions, self.settings.max_queued_bytes);
+                let held = self.slots[i].held;
+                (held.actions + n > limit || held.bytes() + bytes_held > limit_bytes).then(|| {
+                    Ok(format!(
+                        "{} actions ({} bytes with its log lines) wait for the server to take them and {n} more came \
+                         (host.max_queued_actions = {limit}, host.max_queued_bytes = {limit_bytes})",
+                        held.actions,
+                        held.bytes()
+                    ))
+                })
+            }
+        };
+        if refusal.is_some() {
+            for item in staged.drain(..) {
+                self.recycler.give_action(item);
+            }
+        } else {
+            self.poll_actions += n;
+            let s = &mut self.slots[i];
+            s.held.actions += n;
+            s.held.action_bytes += bytes_held;
+            self.stats.actions += n as u64;
+            self.actions.extend(staged.drain(..));
+        }
+        if staged.capacity() > SHRINK_ABOVE {
+            // A huge batch must not keep its memory here.
+            staged = Vec::new();
+        }
+        self.staged_actions = staged;
+        match refusal {
+            Some(Ok(what)) => self.over_quota(i, what),
+            Some(Err(reason)) => self.disconnect(i, reason, true, Instant::now()),
+            None => {}
+        }
+    }
+
+    fn on_decoded(&mut self, i: usize, decoder: &mut PluginDecoder, bytes: &[u8]) {
+        let msg = match decoder.decode_mut(bytes) {
             Ok(m) => m,
             Err(e) => {
                 self.disconnect(i, format!("malformed PluginToHost message: {e}"), true, Instant::now());
@@ -114,41 +196,10 @@ impl Host {
                 tracing::debug!(plugin = %s.cfg.id, "subscriptions: {:?}", sub.events);
                 self.rebuild_subs();
             }
-            plugin_to_host::Payload::EventResult(r) => {
-                let r = std::mem::take(r);
-                self.on_result(i, r);
-            }
-            plugin_to_host::Payload::Actions(batch) => {
-                let n = batch.actions.len();
-                let bytes: usize = batch.actions.iter().map(prost::Message::encoded_len).sum();
-                let (limit, limit_bytes) = (self.settings.max_queued_actions, self.settings.max_queued_bytes);
-                let held = self.slots[i].held;
-                if held.actions + n > limit || held.bytes() + bytes > limit_bytes {
-                    let what = format!(
-                        "{} actions ({} bytes with its log lines) wait for the server to take them and {n} more came \
-                         (host.max_queued_actions = {limit}, host.max_queued_bytes = {limit_bytes})",
-                        held.actions,
-                        held.bytes()
-                    );
-                    self.over_quota(i, what);
-                    return;
-                }
-                self.poll_actions += n;
-                let s = &mut self.slots[i];
-                s.held.actions += n;
-                s.held.action_bytes += bytes;
-                let id = &s.cfg.id;
-                for action in batch.actions.drain(..) {
-                    self.stats.actions += 1;
-                    self.actions.push_back(ActionItem {
-                        plugin: id.clone(),
-                        action,
-                    });
-                }
-                if batch.actions.capacity() > SHRINK_ABOVE {
-                    // A huge batch must not keep its memory in the decoder.
-                    batch.actions = Vec::new();
-                }
+            plugin_to_host::Payload::EventResult(r) => self.on_result(i, r),
+            plugin_to_host::Payload::Actions(_) => {
+                // Read by `on_actions` (the peek saw them); a decoder disagreeing is a bug.
+                debug_assert!(false, "an ActionBatch reached the decoder");
             }
             plugin_to_host::Payload::Log(log) => {
                 self.poll_logs += 1;
@@ -168,16 +219,15 @@ impl Host {
                 let s = &mut self.slots[i];
                 s.held.logs += 1;
                 s.held.log_bytes += bytes;
-                let level = std::mem::take(&mut log.level);
-                let message = std::mem::take(&mut log.message);
-                // Formatted (and escaped) on the log thread, not here.
+                // Formatted (and escaped) on the log thread, not here; the text travels there
+                // in a recycled buffer.
                 self.log_sink
-                    .send(&s.log_id, logsink::Level::parse(&level), message.clone());
-                self.logs.push_back(LogItem {
-                    plugin: s.cfg.id.clone(),
-                    level,
-                    message,
-                });
+                    .send(&s.log_id, logsink::Level::parse(&log.level), &log.message);
+                let mut item = self.recycler.take_log().unwrap_or_default();
+                item.plugin.push_str(&s.cfg.id);
+                item.level.push_str(&log.level);
+                item.message.push_str(&log.message);
+                self.logs.push_back(item);
             }
             plugin_to_host::Payload::ServerInfo(_) => {
                 let plugins = self.slots.iter().map(|s| s.cfg.id.clone()).collect();
@@ -248,14 +298,34 @@ impl Host {
 
     /// Sends the result of an action back to the plugin that asked (by its `correlation_id`).
     pub fn send_action_result(&mut self, plugin: &str, result: ActionResult) -> bool {
+        self.send_action_result_ref(plugin, &result)
+    }
+
+    /// [`Host::send_action_result`] from a borrowed result (which the caller may reuse):
+    /// encoded into a pooled buffer, so that it allocates nothing in steady state. Returns
+    /// whether plugin `plugin` is ready (else nothing is sent).
+    pub fn send_action_result_ref(&mut self, plugin: &str, result: &ActionResult) -> bool {
         let Some(i) = self.slots.iter().position(|s| s.cfg.id == plugin && s.is_ready()) else {
             return false;
         };
-        let msg = HostToPlugin {
-            plugin_id: plugin.to_owned(),
-            payload: Some(host_to_plugin::Payload::ActionResult(result)),
-        };
-        self.send_control(i, &msg);
+        // `HostToPlugin { plugin_id, action_result }`, as prost would encode it.
+        let mut buf = self.pool.take();
+        if !plugin.is_empty() {
+            encode_key(HOST_TO_PLUGIN_PLUGIN_ID, WireType::LengthDelimited, &mut buf);
+            encode_varint(plugin.len() as u64, &mut buf);
+            buf.extend_from_slice(plugin.as_bytes());
+        }
+        prost::encoding::message::encode(HOST_TO_PLUGIN_ACTION_RESULT, result, &mut buf);
+        let limit = self.settings.overflow_frames;
+        let s = &mut self.slots[i];
+        match s.send_encoded(buf, &mut self.pool, limit) {
+            Ok(SendOutcome::Sent | SendOutcome::Queued) => s.wake_if_dirty(),
+            Ok(SendOutcome::Overflow) => {
+                let reason = overflow_reason(s, limit);
+                self.disconnect(i, reason, true, Instant::now());
+            }
+            Err(e) => self.disconnect(i, format!("link error: {e}"), true, Instant::now()),
+        }
         true
     }
 

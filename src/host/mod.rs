@@ -37,6 +37,15 @@
 //! them and, when a plugin sleeps, wakes it. Each plugin's ordered stream is kept in
 //! `slot.rs`. The wire is the transport port's business ([`crate::transport`]).
 //!
+//! **Steady state without allocation.** Publishing, dispatching, ending ticks and reading
+//! answers allocate nothing once warm. So does taking outcomes, actions and log lines when the
+//! server hands back what it took: keep one [`Outcome`] and take outcomes with
+//! [`Host::poll_outcome_into`] / [`Host::wait_into`]; give actions and log lines back with
+//! [`Host::recycle_action`] / [`Host::recycle_log`]; send action results with
+//! [`Host::send_action_result_ref`] from a reused [`proto::ActionResult`]. (A mutation with an
+//! `optional string` field, such as a chat mutation, still allocates its string when decoded.)
+//! `tests/alloc_free.rs` checks all of it with a counting allocator.
+//!
 //! **Merge rule for events that expect a response.** If any plugin that answered cancels, the
 //! event is cancelled. Otherwise the mutations are applied in ascending plugin priority (ties
 //! broken by plugin id, ascending): each later mutation's set fields overwrite the earlier
@@ -49,6 +58,7 @@ mod launch;
 mod logsink;
 mod metrics;
 mod pending;
+mod recycle;
 mod slot;
 pub mod stats;
 mod supervise;
@@ -166,7 +176,7 @@ pub enum Notice {
 }
 
 /// An action a plugin asked for, in arrival order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ActionItem {
     /// The plugin that sent it.
     pub plugin: String,
@@ -175,7 +185,7 @@ pub struct ActionItem {
 }
 
 /// A log line a plugin sent (`LogMessage`), in arrival order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LogItem {
     /// The plugin that sent it.
     pub plugin: String,
@@ -197,8 +207,16 @@ pub struct Host {
     next_event_id: u64,
     pending: HashMap<u64, PendingEvent>,
     target_pool: Vec<Vec<Target>>,
+    /// Encoded updates of answers not merged yet (small buffers, reused).
+    update_pool: BufferPool,
+    /// The message answers are merged into (its variant's allocations reused).
+    merged: proto::EventResult,
     actions: VecDeque<ActionItem>,
     logs: VecDeque<LogItem>,
+    /// Items given back by the server, for the next actions and log lines.
+    recycler: recycle::Recycler,
+    /// The actions of the batch being read (reused).
+    staged_actions: Vec<ActionItem>,
     notices: VecDeque<Notice>,
     scratch: Vec<u8>,
     moves: Vec<MoveRecord>,
@@ -296,10 +314,16 @@ impl Host {
             subs: (0..128).map(|_| Vec::new()).collect(),
             tick: 0,
             next_event_id: 1,
-            pending: HashMap::new(),
+            // Room for the events of a few ticks awaiting their outcomes: no rehash in steady
+            // state.
+            pending: HashMap::with_capacity(256),
             target_pool: Vec::new(),
+            update_pool: BufferPool::new(256, 64),
+            merged: proto::EventResult::default(),
             actions: VecDeque::new(),
             logs: VecDeque::new(),
+            recycler: recycle::Recycler::default(),
+            staged_actions: Vec::new(),
             notices: VecDeque::new(),
             scratch: Vec::with_capacity(4096),
             moves: Vec::new(),
@@ -471,6 +495,19 @@ impl Host {
             s.held.log_bytes = 0;
         }
         self.logs.drain(..)
+    }
+
+    /// Gives back an action taken with [`Host::next_action`] or [`Host::drain_actions`] once the
+    /// server is done with it: a later action of its kind is decoded into it, reusing its
+    /// strings. With every action given back, taking actions allocates nothing in steady state.
+    pub fn recycle_action(&mut self, item: ActionItem) {
+        self.recycler.give_action(item);
+    }
+
+    /// Gives back a log line taken with [`Host::next_log`] or [`Host::drain_logs`] (see
+    /// [`Host::recycle_action`]).
+    pub fn recycle_log(&mut self, item: LogItem) {
+        self.recycler.give_log(item);
     }
 
     /// Notices since the last call (plugins ready, disconnected, restarted, slow...).

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 
 use super::Host;
+use crate::codec::Reusable as _;
 use crate::proto::{EventResult, event_result};
 use crate::sync::FutexWord;
 
@@ -48,7 +49,25 @@ pub struct Outcome {
 
 pub(super) struct Target {
     pub slot: usize,
-    pub result: Option<EventResult>,
+    /// The plugin answered.
+    pub answered: bool,
+    /// Its answer cancels the event.
+    pub cancel: bool,
+    /// Its answer's `EventResult.update` field, encoded (key and body) into a buffer from the
+    /// host's update pool; empty when it changed nothing. Kept encoded so that an answer takes
+    /// no allocation and the merge decodes each update into one reused message.
+    pub update: Vec<u8>,
+}
+
+impl Target {
+    pub fn new(slot: usize) -> Self {
+        Self {
+            slot,
+            answered: false,
+            cancel: false,
+            update: Vec::new(),
+        }
+    }
 }
 
 pub(super) struct PendingEvent {
@@ -79,8 +98,17 @@ impl Host {
     /// The outcome of `pending` if it is complete: every target answered (or went away), or
     /// the response timeout passed. Reads replies first.
     pub fn poll_outcome(&mut self, pending: &Pending) -> Option<Outcome> {
+        let mut out = Outcome::default();
+        self.poll_outcome_into(pending, &mut out).then_some(out)
+    }
+
+    /// [`Host::poll_outcome`] into `out`, reusing its lists, names and mutation: returns whether
+    /// the outcome was complete (and written into `out`; otherwise `out` is left as it was).
+    /// With the same `out` kept from one event to the next, taking outcomes allocates nothing
+    /// in steady state.
+    pub fn poll_outcome_into(&mut self, pending: &Pending, out: &mut Outcome) -> bool {
         self.poll();
-        self.try_finish(pending.id, Instant::now(), false)
+        self.try_finish(pending.id, Instant::now(), false, out)
     }
 
     /// Waits for `pending` until it completes or `deadline`; at the deadline, plugins that did
@@ -92,18 +120,29 @@ impl Host {
     /// An outcome is taken once: waiting again on a taken one returns at once with nothing
     /// answered (see [`Host::is_pending`]).
     pub fn wait(&mut self, pending: &Pending, deadline: Instant) -> Outcome {
+        let mut out = Outcome::default();
+        self.wait_into(pending, deadline, &mut out);
+        out
+    }
+
+    /// [`Host::wait`] into `out`, reusing its lists, names and mutation (see
+    /// [`Host::poll_outcome_into`]).
+    pub fn wait_into(&mut self, pending: &Pending, deadline: Instant, out: &mut Outcome) {
         if !self.is_pending(pending) {
-            return Outcome {
-                event_id: pending.id,
-                ..Default::default()
-            };
+            out.event_id = pending.id;
+            out.cancelled = false;
+            out.mutation = None;
+            out.answered.clear();
+            out.late.clear();
+            out.elapsed = Duration::ZERO;
+            return;
         }
         let started = Instant::now();
         loop {
             self.poll();
             let now = Instant::now();
-            if let Some(o) = self.try_finish(pending.id, now, now >= deadline) {
-                return o;
+            if self.try_finish(pending.id, now, now >= deadline, out) {
+                return;
             }
             if now.duration_since(started) < WAIT_SPIN {
                 if std::env::var_os("PLUGBUS_EXP_HOSTYIELD").is_some() {
@@ -131,7 +170,7 @@ impl Host {
             self.waiting.extend(
                 p.targets
                     .iter()
-                    .filter(|t| t.result.is_none() && self.slots[t.slot].is_ready())
+                    .filter(|t| !t.answered && self.slots[t.slot].is_ready())
                     .map(|t| t.slot)
                     .take(MAX_WAIT_WORDS),
             );
@@ -183,68 +222,90 @@ impl Host {
         }
     }
 
-    pub(super) fn try_finish(&mut self, id: u64, now: Instant, force: bool) -> Option<Outcome> {
-        let p = self.pending.get(&id)?;
-        let all = p
-            .targets
-            .iter()
-            .all(|t| t.result.is_some() || !self.slots[t.slot].is_ready());
-        if !(all || force || now >= p.timeout_at) {
-            return None;
-        }
-        let mut p = self.pending.remove(&id)?;
-        let mut outcome = Outcome {
-            event_id: id,
-            elapsed: p.completed.unwrap_or(now).duration_since(p.dispatched),
-            ..Default::default()
+    /// Writes event `id`'s outcome into `out` if it is complete (or `force`d, or past its
+    /// timeout); returns whether it did. Allocates nothing when `out` was used before for as
+    /// many plugins (see [`Host::poll_outcome_into`]).
+    pub(super) fn try_finish(&mut self, id: u64, now: Instant, force: bool, out: &mut Outcome) -> bool {
+        let Some(p) = self.pending.get(&id) else {
+            return false;
         };
-        p.targets.sort_by(|a, b| {
+        let all = p.targets.iter().all(|t| t.answered || !self.slots[t.slot].is_ready());
+        if !(all || force || now >= p.timeout_at) {
+            return false;
+        }
+        let Some(mut p) = self.pending.remove(&id) else {
+            return false;
+        };
+        out.event_id = id;
+        out.cancelled = false;
+        out.elapsed = p.completed.unwrap_or(now).duration_since(p.dispatched);
+        // Unstable: the keys (priority, then the unique id) leave no ties, and it never
+        // allocates.
+        p.targets.sort_unstable_by(|a, b| {
             let (sa, sb) = (&self.slots[a.slot].cfg, &self.slots[b.slot].cfg);
             sa.priority.cmp(&sb.priority).then_with(|| sa.id.cmp(&sb.id))
         });
-        let mut merged = EventResult::default();
+        // The merge decodes every update, in order, into one message whose variant (and its
+        // allocations) is reused: the caller's last mutation if it handed one back in `out`,
+        // else the host's own.
+        let mut merged = std::mem::take(&mut self.merged);
+        if out.mutation.is_some() {
+            std::mem::swap(&mut merged.update, &mut out.mutation);
+        }
+        out.mutation = None;
+        merged.reset_keep();
+        let mut changed = false;
+        let (mut answered, mut late) = (0, 0);
         for t in p.targets.drain(..) {
             let s = &mut self.slots[t.slot];
-            match t.result {
-                Some(r) => {
-                    outcome.answered.push(s.cfg.id.clone());
-                    if r.cancel == Some(true) {
-                        outcome.cancelled = true;
-                    }
-                    if let Some(u) = r.update {
-                        let later = EventResult {
-                            update: Some(u),
-                            ..Default::default()
-                        };
-                        // prost merges a oneof of the same variant field by field (later set
-                        // fields win) and replaces a different variant.
-                        let _ = merged.merge(later.encode_to_vec().as_slice());
-                    }
+            if t.answered {
+                set_name(&mut out.answered, &mut answered, &s.cfg.id);
+                out.cancelled |= t.cancel;
+                if !t.update.is_empty() {
+                    // prost merges a oneof of the same variant field by field (later set
+                    // fields win) and replaces a different variant. The bytes were encoded by
+                    // this host from a decoded message: they decode.
+                    changed |= merged.merge(t.update.as_slice()).is_ok();
                 }
-                None => {
-                    s.stats.late_replies += 1;
-                    outcome.late.push(s.cfg.id.clone());
-                }
+            } else {
+                s.stats.late_replies += 1;
+                set_name(&mut out.late, &mut late, &s.cfg.id);
+            }
+            if t.update.capacity() > 0 {
+                self.update_pool.give(t.update);
             }
         }
-        outcome.mutation = if outcome.cancelled { None } else { merged.update };
-        self.target_pool.push(p.targets);
-        Some(outcome)
+        out.answered.truncate(answered);
+        out.late.truncate(late);
+        if changed && !out.cancelled {
+            out.mutation = merged.update.take();
+        }
+        self.merged = merged;
+        if self.target_pool.len() < MAX_TARGET_LISTS {
+            self.target_pool.push(p.targets);
+        }
+        true
     }
 
-    /// Records plugin `i`'s answer to an event.
-    pub(super) fn on_result(&mut self, i: usize, r: EventResult) {
+    /// Records plugin `i`'s answer to an event: whether it cancels, and its update, encoded.
+    pub(super) fn on_result(&mut self, i: usize, r: &EventResult) {
         let now = Instant::now();
         let Some(p) = r.event_id.parse::<u64>().ok().and_then(|id| self.pending.get_mut(&id)) else {
             tracing::debug!(plugin = %self.slots[i].cfg.id, event = %r.event_id, "result for an event no longer pending");
             return;
         };
-        let Some(t) = p.targets.iter_mut().find(|t| t.slot == i && t.result.is_none()) else {
+        let Some(t) = p.targets.iter_mut().find(|t| t.slot == i && !t.answered) else {
             return;
         };
         let latency = now.duration_since(p.dispatched);
-        t.result = Some(r);
-        if p.targets.iter().all(|t| t.result.is_some()) {
+        t.answered = true;
+        t.cancel = r.cancel == Some(true);
+        if let Some(u) = &r.update {
+            let mut buf = self.update_pool.take();
+            u.encode(&mut buf);
+            t.update = buf;
+        }
+        if p.targets.iter().all(|t| t.answered) {
             p.completed = Some(now);
         }
         let s = &mut self.slots[i];
@@ -260,4 +321,20 @@ impl Host {
             });
         }
     }
+}
+
+/// Target lists kept for reuse, at most (one per event awaiting its outcome is enough).
+const MAX_TARGET_LISTS: usize = 1024;
+
+/// Writes `name` as entry `*n` of `names`, into the `String` already there if any (its
+/// capacity reused), and counts it.
+fn set_name(names: &mut Vec<String>, n: &mut usize, name: &str) {
+    match names.get_mut(*n) {
+        Some(s) => {
+            s.clear();
+            s.push_str(name);
+        }
+        None => names.push(name.to_owned()),
+    }
+    *n += 1;
 }

@@ -318,6 +318,26 @@ impl Slot {
         Ok(self.enqueue(buf, 0, limit))
     }
 
+    /// Sends a complete encoded `HostToPlugin` message (from `pool`, returned to it once
+    /// written) in order with the events.
+    pub fn send_encoded(
+        &mut self,
+        buf: Vec<u8>,
+        pool: &mut BufferPool,
+        limit: usize,
+    ) -> Result<SendOutcome, LinkError> {
+        if let SendOutcome::Sent = self.flush_batch(pool, limit)? {
+            let link = self.link.as_mut().ok_or(LinkError::Closed)?;
+            if link.try_send(Downstream::Encoded(&buf))? {
+                self.stats.frames_sent += 1;
+                self.dirty = true;
+                pool.give(buf);
+                return Ok(SendOutcome::Sent);
+            }
+        }
+        Ok(self.enqueue(buf, 0, limit))
+    }
+
     /// Delivers tick `tick`'s moves after everything sent before them (call after
     /// [`Slot::flush_batch`]), or conflates them while anything is queued or the link has no
     /// room. Returns the number of records conflated away this time.

@@ -176,7 +176,7 @@ impl Host {
                 wake_ns += nanos(w, Instant::now());
             }
             if respond {
-                targets.push(Target { slot: i, result: None });
+                targets.push(Target::new(i));
             }
         }
         let sent = Instant::now();

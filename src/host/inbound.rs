@@ -319,7 +319,9 @@ impl Host {
         let limit = self.settings.overflow_frames;
         let s = &mut self.slots[i];
         match s.send_encoded(buf, &mut self.pool, limit) {
-            Ok(SendOutcome::Sent | SendOutcome::Queued) => s.wake_if_dirty(),
+            Ok(SendOutcome::Sent | SendOutcome::Queued) => {
+                super::tick::wake_slot(s, i, self.waker.as_ref(), &mut self.cost);
+            }
             Ok(SendOutcome::Overflow) => {
                 let reason = overflow_reason(s, limit);
                 self.disconnect(i, reason, true, Instant::now());

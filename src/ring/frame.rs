@@ -194,9 +194,6 @@ impl Producer {
         Ok((self.tail - self.cached_head) as usize)
     }
 
-    /// Whether `bytes` bytes are free (refreshes the consumer's head only if the cache says
-    /// fewer). A frame with a `len`-byte payload needs `frame_size(len)` bytes, plus padding
-    /// when it would cross the end of the ring (never for an empty payload).
     /// Bytes that frames with these payload lengths take when written one after the other
     /// from the current tail: their sizes plus every padding frame the wraps need.
     pub fn bytes_needed(&self, lens: impl IntoIterator<Item = usize>) -> usize {
@@ -216,6 +213,9 @@ impl Producer {
         total as usize
     }
 
+    /// Whether `bytes` bytes are free (refreshes the consumer's head only if the cache says
+    /// fewer). A frame with a `len`-byte payload needs `frame_size(len)` bytes, plus padding
+    /// when it would cross the end of the ring (never for an empty payload).
     #[inline]
     pub fn has_room(&mut self, bytes: usize) -> Result<bool, RingError> {
         Ok(self.free(bytes as u64)? >= bytes as u64)

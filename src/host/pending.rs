@@ -145,11 +145,7 @@ impl Host {
                 return;
             }
             if now.duration_since(started) < WAIT_SPIN {
-                if std::env::var_os("PLUGBUS_EXP_HOSTYIELD").is_some() {
-                    std::thread::yield_now();
-                } else {
-                    crate::sync::spin_loop();
-                }
+                crate::sync::spin_loop();
                 continue;
             }
             let wake_at = self

@@ -557,10 +557,6 @@ impl<L: PluginLink> Plugin<L> {
             handler.on_start(&mut ctx, &hello);
         }
         let mut idle_since: Option<Instant> = None;
-        let yield_every: u32 = std::env::var("PLUGBUS_EXP_YIELD")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
         let mut spins = 0u32;
         loop {
             let n = self.poll(handler)?;
@@ -613,11 +609,7 @@ impl<L: PluginLink> Plugin<L> {
             match self.idle_step(self.wait, since, now, BEAT_EVERY) {
                 IdleStep::Spin => {
                     spins = spins.wrapping_add(1);
-                    if yield_every > 0 {
-                        std::thread::yield_now();
-                    } else {
-                        crate::sync::spin_loop();
-                    }
+                    crate::sync::spin_loop();
                 }
                 IdleStep::Park(t) => {
                     let asked = Instant::now();

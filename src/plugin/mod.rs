@@ -287,8 +287,6 @@ pub struct Plugin<L: PluginLink = Box<dyn PluginLink>> {
     counters: PluginCounters,
     last_beat: Instant,
     last_idle: Instant,
-    /// Empty polls so far (the clock is read on every CLOCK_EVERY-th).
-    empty_polls: u32,
     cadence: Cadence,
 }
 
@@ -347,7 +345,6 @@ impl<L: PluginLink> Plugin<L> {
             counters: PluginCounters::default(),
             last_beat: Instant::now(),
             last_idle: Instant::now(),
-            empty_polls: 0,
             cadence: Cadence::default(),
         };
         p.link.heartbeat();
@@ -461,6 +458,13 @@ impl<L: PluginLink> Plugin<L> {
     /// Handles everything that has arrived (bounded), sends replies, beats the heartbeat.
     /// Returns how many items (frames) were handled. Never blocks.
     pub fn poll<H: Handler + ?Sized>(&mut self, handler: &mut H) -> Result<usize, PluginError> {
+        self.poll_with(handler, true)
+    }
+
+    /// [`Plugin::poll`]; an empty poll reads the clock (heartbeat, cadence) only if `clock`.
+    /// The run loop's spinning turns pass `false` for all but every CLOCK_EVERY-th: a loop of
+    /// empty polls would otherwise spend most of its time reading the clock.
+    fn poll_with<H: Handler + ?Sized>(&mut self, handler: &mut H, clock: bool) -> Result<usize, PluginError> {
         if let Some(why) = self.link.failure() {
             return Err(PluginError::Broken(why));
         }
@@ -527,13 +531,8 @@ impl<L: PluginLink> Plugin<L> {
             return Err(e.into());
         }
         self.flush()?;
-        if n == 0 {
-            // An empty poll reads the clock (for the heartbeat) only every CLOCK_EVERY-th time:
-            // a loop of empty polls would otherwise spend most of its time reading the clock.
-            self.empty_polls = self.empty_polls.wrapping_add(1);
-            if self.empty_polls % CLOCK_EVERY != 0 {
-                return Ok(0);
-            }
+        if n == 0 && !clock {
+            return Ok(0);
         }
         let now = Instant::now();
         if n > 0 {
@@ -559,7 +558,7 @@ impl<L: PluginLink> Plugin<L> {
         let mut idle_since: Option<Instant> = None;
         let mut spins = 0u32;
         loop {
-            let n = self.poll(handler)?;
+            let n = self.poll_with(handler, spins % CLOCK_EVERY == 0)?;
             if let Some(reason) = self.shutdown.clone() {
                 handler.on_shutdown(&reason);
                 self.flush()?;

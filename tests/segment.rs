@@ -235,10 +235,16 @@ fn ring_running_past_the_end() {
 #[test]
 fn ring_size_overflows() {
     let (seg, _) = two_rings("ring-overflow");
+    // A frame ring's capacity counts bytes: its size overflows only with an offset as large.
     write_at(
         seg.name(),
         desc(1, offset_of!(RingDesc, capacity)),
-        &(1u64 << 62).to_ne_bytes(),
+        &(1u64 << 63).to_ne_bytes(),
+    );
+    write_at(
+        seg.name(),
+        desc(1, offset_of!(RingDesc, offset)),
+        &(1u64 << 63).to_ne_bytes(),
     );
     let reason = corrupt_reason(open_err(seg.name()));
     assert!(reason.contains("overflow"), "{reason}");

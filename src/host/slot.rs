@@ -120,6 +120,8 @@ pub(crate) struct Slot {
     conflated_buf: Vec<MoveRecord>,
     /// Something was written since the last wake-up.
     pub dirty: bool,
+    /// The link gave the wake thread a handle: its wake-ups may be handed over.
+    pub wake_handed: bool,
     pub restarts: VecDeque<Instant>,
     pub stats: PluginStats,
     pub slow: bool,
@@ -149,6 +151,7 @@ impl Slot {
             conflated: HashMap::new(),
             conflated_buf: Vec::new(),
             dirty: false,
+            wake_handed: false,
             restarts: VecDeque::new(),
             stats: PluginStats::default(),
             slow: false,

@@ -573,8 +573,11 @@ impl Host {
                     });
                     return;
                 }
+                // A link without a wake handle (gRPC: its wake is cheap) is woken inline.
+                let handle = self.waker.as_ref().and(link.wake_handle());
+                s.wake_handed = handle.is_some();
                 if let Some(w) = &self.waker {
-                    w.set_handle(slot, link.wake_handle());
+                    w.set_handle(slot, handle);
                 }
                 s.link = Some(link);
                 s.opened = true;

@@ -275,7 +275,7 @@ pub(super) fn wake_slot(s: &mut Slot, i: usize, waker: Option<&super::waker::Wak
     if !s.take_dirty() {
         return;
     }
-    if waker.is_some_and(|w| w.post(i)) {
+    if s.wake_handed && waker.is_some_and(|w| w.post(i)) {
         cost.posted += 1;
         s.stats.wakeups_handed_over += 1;
     } else if s.wake_now() {

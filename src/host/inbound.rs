@@ -317,24 +317,23 @@ impl Host {
         }
         prost::encoding::message::encode(HOST_TO_PLUGIN_ACTION_RESULT, result, &mut buf);
         let limit = self.settings.overflow_frames;
-        let s = &mut self.slots[i];
-        match s.send_encoded(buf, &mut self.pool, limit) {
-            Ok(SendOutcome::Sent | SendOutcome::Queued) => {
-                super::tick::wake_slot(s, i, self.waker.as_ref(), &mut self.cost);
-            }
-            Ok(SendOutcome::Overflow) => {
-                let reason = overflow_reason(s, limit);
-                self.disconnect(i, reason, true, Instant::now());
-            }
-            Err(e) => self.disconnect(i, format!("link error: {e}"), true, Instant::now()),
-        }
+        let r = self.slots[i].send_encoded(buf, &mut self.pool, limit);
+        self.after_send(i, r);
         true
     }
 
     pub(super) fn send_control(&mut self, i: usize, msg: &HostToPlugin) {
         let limit = self.settings.overflow_frames;
+        let r = self.slots[i].send_message(msg, &mut self.pool, limit);
+        self.after_send(i, r);
+    }
+
+    /// After a control message to plugin `i`: wakes it, or disconnects it on overflow or a
+    /// link error.
+    fn after_send(&mut self, i: usize, r: Result<SendOutcome, crate::transport::LinkError>) {
+        let limit = self.settings.overflow_frames;
         let s = &mut self.slots[i];
-        match s.send_message(msg, &mut self.pool, limit) {
+        match r {
             Ok(SendOutcome::Sent | SendOutcome::Queued) => {
                 super::tick::wake_slot(s, i, self.waker.as_ref(), &mut self.cost);
             }

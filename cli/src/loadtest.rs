@@ -149,6 +149,10 @@ pub struct LoadReport {
     /// Host process RSS and fds, one sample a second (the soak).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub resource_samples: Vec<ResourceSample>,
+    /// With `--floor`: what this machine gives a tick thread with no plugbus code (see
+    /// `floor.rs`), measured after the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine_floor: Option<crate::floor::FloorReport>,
     /// Raw samples for plots (not serialized).
     #[serde(skip)]
     pub samples: Samples,
@@ -237,14 +241,23 @@ fn pow2_at_least(n: u64) -> u64 {
     n.max(1).next_power_of_two()
 }
 
+/// One tick's move frame for `players` (48 bytes a player and the frame's header), bytes.
+pub fn move_frame_bytes(players: usize) -> u64 {
+    (players as u64 * 48 + 64).max(1)
+}
+
+/// The moves ring the load test gives each plugin: eight ticks' frames, at least 64 KiB.
+pub fn moves_ring_bytes(players: usize) -> u64 {
+    pow2_at_least(move_frame_bytes(players) * 8).max(1 << 16)
+}
+
 /// Runs the simulation against the plugins; `progress` is called about every 250 ms.
 pub fn run(spec: &LoadSpec, mut progress: impl FnMut(&Progress<'_>)) -> Result<(LoadReport, Host), String> {
     let dir = std::env::temp_dir().join(format!("plugbus-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let frame = (spec.players as u64 * 48 + 64).max(1);
     let queues = QueueSizes {
-        moves: pow2_at_least(frame * 8).max(1 << 16),
+        moves: moves_ring_bytes(spec.players),
         ..QueueSizes::default()
     };
     let mut plugin_cpus = Vec::new();
@@ -702,7 +715,7 @@ fn thread_cpu_ns() -> u64 {
 }
 
 /// Sleeps until `deadline`: a coarse sleep, then a short spin for the last stretch.
-fn sleep_until(deadline: Instant) {
+pub(crate) fn sleep_until(deadline: Instant) {
     let now = Instant::now();
     if deadline <= now {
         return;
@@ -844,6 +857,9 @@ pub fn print(r: &LoadReport) {
             "    {ty:<28} offered {n:>10}  delivered {:>10}",
             r.events_delivered_by_type.get(ty).copied().unwrap_or(0)
         );
+    }
+    if let Some(f) = &r.machine_floor {
+        crate::floor::print(f);
     }
 }
 

@@ -4,6 +4,7 @@
 mod chaos;
 mod compare;
 mod demo;
+mod floor;
 mod inspect;
 mod load_plugin;
 mod loadtest;
@@ -212,6 +213,12 @@ struct LoadArgs {
     /// Seed of the simulated world and of chaos (same seed, same choices).
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// After the run, measure this machine's floor with no plugbus code (about 5 s): a thread
+    /// paced like the tick thread copies one move frame per plugin into rings of the same size
+    /// after each tick's sleep, and a thread spinning on another CPU waits for its store. The
+    /// tick's writes and any hand-off to a spinning plugin cannot beat these.
+    #[arg(long)]
+    floor: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -411,6 +418,15 @@ fn loadtest_cmd(a: &LoadArgs) -> Result<(), String> {
     };
     let (mut report, _) = run_and_count_leaks(&spec)?;
     report.wait = format!("{wait:?}");
+    if a.floor && !stopping() {
+        report.machine_floor = Some(floor::measure(&floor::FloorSpec {
+            bytes: loadtest::move_frame_bytes(a.players) as usize,
+            copies: a.plugins,
+            ring: loadtest::moves_ring_bytes(a.players) as usize,
+            tick_len: std::time::Duration::from_secs_f64(1.0 / f64::from(a.tps)),
+            ticks: (a.tps as usize * 5).clamp(50, 500),
+        }));
+    }
     loadtest::print(&report);
     if let Some(path) = &a.json {
         let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;

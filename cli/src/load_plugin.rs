@@ -28,6 +28,9 @@ pub struct PluginReport {
     /// `[event_id, observed_ns]` per critical event (every event with `PLUGBUS_RECORD=all`,
     /// none with `none`), in arrival order.
     pub critical: Vec<[u64; 2]>,
+    /// Critical events observed (all of them, recorded in `critical` or not).
+    #[serde(default)]
+    pub critical_seen: u64,
     /// When the last thing was observed.
     pub last_ns: u64,
     /// Sum of positions (keeps the reads real).
@@ -69,7 +72,8 @@ struct LoadPlugin {
     path: Option<PathBuf>,
     record: Record,
     /// `PLUGBUS_CRITICAL_LOG`: each critical event id observed, one line each, written at once
-    /// (unbuffered, appended), so that what a plugin saw before it was killed is known.
+    /// (unbuffered, appended), so that what a plugin saw before it was killed is known. A
+    /// system call in the handler: the load test asks for it only when it kills plugins.
     critical_log: Option<std::fs::File>,
 }
 
@@ -105,6 +109,9 @@ impl Handler for LoadPlugin {
             Record::Critical => crate::sim::is_critical(event.r#type),
             Record::None => false,
         };
+        if crate::sim::is_critical(event.r#type) {
+            self.report.critical_seen += 1;
+        }
         if keep && self.report.critical.len() < MAX_SAMPLES {
             if let Ok(id) = event.event_id.parse() {
                 self.report.critical.push([id, now]);

@@ -812,3 +812,228 @@ fn plugin_logs_allocate_nothing_on_the_tick_and_log_threads() {
     eprintln!("{STEADY_TICKS} ticks of 2 log lines in {:?}", started.elapsed());
     host.shutdown("done");
 }
+
+// ------------------------------------------------------------------------------------------
+// The host's C API (what the Go package calls)
+// ------------------------------------------------------------------------------------------
+
+/// Cancels chats that say "gg", answers commands, and for each chat sends an action and a log
+/// line; counts the action results that come back.
+#[derive(Default)]
+struct CPlugin {
+    answered: u64,
+    results: u64,
+}
+
+impl Handler for CPlugin {
+    fn on_event(&mut self, ctx: &mut Context<'_>, event: &EventEnvelope) -> Reply {
+        self.answered += 1;
+        match &event.payload {
+            Some(Payload::Chat(c)) => {
+                ctx.send_chat(&c.player_uuid, "seen");
+                ctx.log("info", "chat seen");
+                if c.message == "gg" { Reply::Cancel } else { Reply::Ack }
+            }
+            _ => Reply::Ack,
+        }
+    }
+    fn on_action_result(&mut self, _ctx: &mut Context<'_>, _result: &ActionResult) {
+        self.results += 1;
+    }
+}
+
+/// A status of the C API, checked.
+fn ok(what: &str, status: i32) {
+    if status != plugbus::ffi::PLUGBUS_OK {
+        // SAFETY: the last error is a NUL-terminated string owned by this thread.
+        let why = unsafe { std::ffi::CStr::from_ptr(plugbus::ffi::plugbus_last_error()) };
+        panic!("{what}: status {status}: {}", why.to_string_lossy());
+    }
+}
+
+#[test]
+fn c_api_host_dispatch_outcomes_actions_and_logs_allocate_nothing() {
+    use plugbus::ffi::{self, plugbus_action, plugbus_host, plugbus_outcome, plugbus_str};
+    use prost::Message as _;
+    let _one_host = HOSTS.lock().unwrap_or_else(|e| e.into_inner());
+    let segment = format!("plugbus.capi-alloc-{}", std::process::id());
+    let toml = format!("[[plugin]]\nid = \"capi\"\nattach = true\naddress = \"shm:{segment}\"\n");
+    let mut h: *mut plugbus_host = std::ptr::null_mut();
+    // SAFETY: the text and the out-pointer are valid for the call.
+    ok("start", unsafe {
+        ffi::plugbus_host_start(toml.as_ptr().cast(), toml.len(), &mut h)
+    });
+    // The host answers the hello as it runs: ticks here while the plugin connects.
+    let idle_tick = |h: *mut plugbus_host| {
+        let mut tick = 0;
+        // SAFETY: `h` is the live host; `tick` is writable.
+        unsafe {
+            ok("begin", ffi::plugbus_host_begin_tick(h, &mut tick));
+            ok("end", ffi::plugbus_host_end_tick(h));
+        }
+    };
+    let mut plugin = std::thread::scope(|sc| {
+        let connecting = sc.spawn(|| {
+            Plugin::builder(&segment, "capi")
+                .subscribe([EventType::Chat, EventType::Command, EventType::PlayerJoin])
+                .wait(WaitStrategy::Spin)
+                .hello_timeout(Duration::from_secs(30))
+                .connect()
+        });
+        while !connecting.is_finished() {
+            idle_tick(h);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        connecting.join().expect("connect thread").expect("handshake")
+    });
+    let mut handler = CPlugin::default();
+    // Ready, and subscribed: a join published reaches the plugin.
+    let id = "capi";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // SAFETY: `h` is the live host; the id is valid for the call.
+        let ready = unsafe { ffi::plugbus_host_plugin_ready(h, id.as_ptr().cast(), id.len()) } == ffi::PLUGBUS_OK;
+        let mut tick = 0;
+        // SAFETY: as above.
+        unsafe {
+            ok("begin", ffi::plugbus_host_begin_tick(h, &mut tick));
+            let (u, n) = ("8d3f0c6e-93c5-4c2f-9b7b-3f1b3c1f2a10", "Steve");
+            ok(
+                "join",
+                ffi::plugbus_host_publish_join(h, u.as_ptr().cast(), u.len(), n.as_ptr().cast(), n.len()),
+            );
+            ok("end", ffi::plugbus_host_end_tick(h));
+        }
+        plugin.poll(&mut handler).expect("plugin poll");
+        if ready && handler.answered > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the plugin never got ready and subscribed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // One encoded chat envelope, published as bytes every tick (the host gives it an id).
+    let mut pool = EnvelopePool::default();
+    let chat_bytes = build_chat(&mut pool, 0).encode_to_vec();
+    let result_bytes = ActionResult {
+        correlation_id: "r1".into(),
+        status: Some(ActionStatus { ok: true, error: None }),
+        result: None,
+    }
+    .encode_to_vec();
+    let (mut cancelled, mut actions, mut logs) = (0u64, 0u64, 0u64);
+    let mut outcome = plugbus_outcome::default();
+    assert_steady_state_allocates_nothing("the host's C API", 50, STEADY_TICKS, |i| {
+        let (u, n) = ("8d3f0c6e-93c5-4c2f-9b7b-3f1b3c1f2a10", "Steve");
+        let msg = MESSAGES[i as usize % MESSAGES.len()];
+        // Without arguments: a command's `args` (a repeated string) cost an allocation per
+        // argument when the plugin decodes them (prost's merge pushes a new String each).
+        let line = if i % 2 == 0 { "/home" } else { "/spawn" };
+        let (mut chat, mut command, mut tick) = (0u64, 0u64, 0u64);
+        // SAFETY: `h` is the live host; every (pointer, length) pair is valid for its call and
+        // every out-pointer writable.
+        unsafe {
+            ok("begin", ffi::plugbus_host_begin_tick(h, &mut tick));
+            ok(
+                "publish",
+                ffi::plugbus_host_publish_event(h, chat_bytes.as_ptr(), chat_bytes.len()),
+            );
+            ok(
+                "chat",
+                ffi::plugbus_host_dispatch_chat(
+                    h,
+                    u.as_ptr().cast(),
+                    u.len(),
+                    n.as_ptr().cast(),
+                    n.len(),
+                    msg.as_ptr().cast(),
+                    msg.len(),
+                    &mut chat,
+                ),
+            );
+            ok(
+                "command",
+                ffi::plugbus_host_dispatch_command(
+                    h,
+                    u.as_ptr().cast(),
+                    u.len(),
+                    n.as_ptr().cast(),
+                    n.len(),
+                    line.as_ptr().cast(),
+                    line.len(),
+                    &mut command,
+                ),
+            );
+            ok("end", ffi::plugbus_host_end_tick(h));
+        }
+        plugin.poll(&mut handler).expect("plugin poll");
+        // SAFETY: as above.
+        unsafe {
+            ok("wait chat", ffi::plugbus_host_wait(h, chat, 5_000_000, &mut outcome));
+            assert_eq!(outcome.event_id, chat);
+            assert_eq!(outcome.cancelled, msg == "gg");
+            cancelled += u64::from(outcome.cancelled);
+            let (mut data, mut len) = (std::ptr::null(), 0usize);
+            ok("result", ffi::plugbus_host_outcome_result(h, &mut data, &mut len));
+            assert_eq!(len > 0, msg == "gg", "an encoded result exactly when cancelled");
+            let status = ffi::plugbus_host_poll_outcome(h, command, &mut outcome);
+            if status == ffi::PLUGBUS_PENDING {
+                ok(
+                    "wait command",
+                    ffi::plugbus_host_wait(h, command, 5_000_000, &mut outcome),
+                );
+            } else {
+                ok("poll command", status);
+            }
+            assert_eq!((outcome.event_id, outcome.cancelled), (command, false));
+            let mut action = plugbus_action {
+                plugin: plugbus_str {
+                    ptr: std::ptr::null(),
+                    len: 0,
+                },
+                kind: 0,
+                correlation_id: plugbus_str {
+                    ptr: std::ptr::null(),
+                    len: 0,
+                },
+                data: std::ptr::null(),
+                len: 0,
+            };
+            while ffi::plugbus_host_next_action(h, &mut action) == ffi::PLUGBUS_OK {
+                assert_eq!(action.kind, ffi::PLUGBUS_ACTION_SEND_CHAT);
+                let (mut target, mut text) = (action.plugin, action.plugin);
+                ok(
+                    "send chat",
+                    ffi::plugbus_host_action_send_chat(h, &mut target, &mut text),
+                );
+                ok(
+                    "action result",
+                    ffi::plugbus_host_send_action_result(
+                        h,
+                        id.as_ptr().cast(),
+                        id.len(),
+                        result_bytes.as_ptr(),
+                        result_bytes.len(),
+                    ),
+                );
+                actions += 1;
+            }
+            let (mut who, mut level, mut text) = (action.plugin, action.plugin, action.plugin);
+            while ffi::plugbus_host_next_log(h, &mut who, &mut level, &mut text) == ffi::PLUGBUS_OK {
+                logs += 1;
+            }
+        }
+        // The plugin takes its action results.
+        plugin.poll(&mut handler).expect("plugin poll");
+        std::thread::sleep(TICK_GAP);
+    });
+    assert!(cancelled >= STEADY_TICKS / 4, "cancelled {cancelled}");
+    assert!(
+        actions >= STEADY_TICKS && logs >= STEADY_TICKS,
+        "actions {actions}, logs {logs}"
+    );
+    assert!(handler.results >= STEADY_TICKS, "results {}", handler.results);
+    // SAFETY: `h` is the live host; shut down once.
+    ok("shutdown", unsafe {
+        ffi::plugbus_host_shutdown(h, "done".as_ptr().cast(), 4)
+    });
+}

@@ -267,22 +267,49 @@ pub enum HostMessage<'a> {
 /// Most distinct event payload field numbers kept decoded (one reusable envelope each).
 const SLOTS: usize = 128;
 
-/// Plugin-side decoder of `HostToPlugin` frames that allocates nothing in steady state: each
-/// event is decoded into a reusable envelope kept per event type, handed to the callback, and
-/// kept for the next event of that type; batches are walked in place without building an
-/// `EventBatch`.
-pub struct HostDecoder {
+/// Decodes encoded `EventEnvelope`s without allocating in steady state: each into a reusable
+/// envelope kept per payload type (a string or message a type once needed keeps its storage
+/// for the next event of that type).
+pub struct EnvelopeDecoder {
     slots: Vec<Option<EventEnvelope>>,
-    other: HostToPlugin,
 }
 
-impl Default for HostDecoder {
+impl Default for EnvelopeDecoder {
     fn default() -> Self {
         Self {
             slots: (0..SLOTS).map(|_| None).collect(),
-            other: HostToPlugin::default(),
         }
     }
+}
+
+impl std::fmt::Debug for EnvelopeDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvelopeDecoder").finish_non_exhaustive()
+    }
+}
+
+impl EnvelopeDecoder {
+    /// Decodes `body` (an encoded `EventEnvelope`); the envelope is lent until the next call.
+    /// Equal to a fresh `EventEnvelope::decode`.
+    pub fn decode(&mut self, body: &[u8]) -> Result<&mut EventEnvelope, DecodeError> {
+        let number = peek_oneof(body, is_event_payload_variant)?.unwrap_or(0);
+        let slot = &mut self.slots[(number as usize).min(SLOTS - 1)];
+        let env = slot.get_or_insert_with(|| EventEnvelope {
+            payload: proto::event_envelope::Payload::default_for(number as i32),
+            ..Default::default()
+        });
+        decode_reuse(env, body)?;
+        Ok(env)
+    }
+}
+
+/// Plugin-side decoder of `HostToPlugin` frames that allocates nothing in steady state: each
+/// event is decoded by an [`EnvelopeDecoder`], handed to the callback, and kept for the next
+/// event of that type; batches are walked in place without building an `EventBatch`.
+#[derive(Default)]
+pub struct HostDecoder {
+    events: EnvelopeDecoder,
+    other: HostToPlugin,
 }
 
 impl std::fmt::Debug for HostDecoder {
@@ -342,13 +369,7 @@ impl HostDecoder {
     }
 
     fn event(&mut self, body: &[u8], f: &mut impl FnMut(HostMessage<'_>, &[u8])) -> Result<(), DecodeError> {
-        let number = peek_oneof(body, is_event_payload_variant)?.unwrap_or(0);
-        let slot = &mut self.slots[(number as usize).min(SLOTS - 1)];
-        let env = slot.get_or_insert_with(|| EventEnvelope {
-            payload: proto::event_envelope::Payload::default_for(number as i32),
-            ..Default::default()
-        });
-        decode_reuse(env, body)?;
+        let env = self.events.decode(body)?;
         f(HostMessage::Event(env), body);
         Ok(())
     }

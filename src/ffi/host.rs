@@ -27,12 +27,10 @@ use super::{
     Error, PLUGBUS_ERR_CLOSED, PLUGBUS_ERR_INVALID_ARGUMENT, PLUGBUS_ERR_NOT_FOUND, PLUGBUS_ERR_TIMEOUT, PLUGBUS_OK,
     arg_bytes, arg_cstr, arg_str, guard, plugbus_move_record, plugbus_status, plugbus_str, put_opt,
 };
+use crate::codec::{self, EnvelopeDecoder};
 use crate::fastpath::MoveRecord;
 use crate::host::{ActionItem, Host, HostConfig, LogItem, Notice, Outcome, Pending};
-use crate::proto::{
-    ActionResult, ChatEvent, CommandEvent, EventEnvelope, EventResult, PlayerJoinEvent, PlayerQuitEvent, action,
-    event_envelope::Payload, event_result,
-};
+use crate::proto::{ActionResult, EventEnvelope, EventResult, action, event_envelope::Payload, event_result};
 
 /// `plugbus_host_poll_outcome`: the event's outcome is not complete yet.
 pub const PLUGBUS_PENDING: i32 = 2;
@@ -120,19 +118,32 @@ impl Default for plugbus_action {
     }
 }
 
+/// What a host handle keeps between calls. Everything an event, outcome, action or log line
+/// passes through is kept and reused, so that the C API, like the Rust one, allocates nothing
+/// in steady state.
 struct HostState {
     host: Host,
     in_tick: bool,
-    /// The last outcome's merged change, encoded, and its chat message if it sets one.
+    /// The last outcome taken (its lists and names reused by the next).
+    outcome: Outcome,
+    /// The last outcome's merged change, encoded (built in `result`), and its chat message if
+    /// it sets one (`has_chat`).
     outcome_bytes: Vec<u8>,
-    outcome_chat: Option<String>,
+    result: EventResult,
+    outcome_chat: String,
+    has_chat: bool,
+    /// `plugbus_host_publish_event` / `dispatch_event`: the envelopes decoded into.
+    decoder: EnvelopeDecoder,
+    /// `plugbus_host_send_action_result`: the result decoded into.
+    action_result: ActionResult,
     action: Option<ActionItem>,
     action_bytes: Vec<u8>,
     notice: (String, String),
     log: Option<LogItem>,
     metrics: String,
-    /// Reused for the typed helpers.
-    envelope: EventEnvelope,
+    /// Reused for the typed helpers, one per helper (join, quit, chat, command), so that each
+    /// keeps its payload's strings from one event to the next.
+    typed: [EventEnvelope; 4],
 }
 
 /// Runs `f` on the live host behind `h`.
@@ -175,14 +186,19 @@ fn start(config: Result<HostConfig, crate::host::ConfigError>, out: *mut *mut pl
         let state = HostState {
             host,
             in_tick: false,
+            outcome: Outcome::default(),
             outcome_bytes: Vec::new(),
-            outcome_chat: None,
+            result: EventResult::default(),
+            outcome_chat: String::new(),
+            has_chat: false,
+            decoder: EnvelopeDecoder::default(),
+            action_result: ActionResult::default(),
             action: None,
             action_bytes: Vec::new(),
             notice: Default::default(),
             log: None,
             metrics: String::new(),
-            envelope: EventEnvelope::default(),
+            typed: Default::default(),
         };
         let t = HOSTS.insert(Arc::new(HostHandle {
             state: Mutex::new(Some(Box::new(state))),
@@ -306,8 +322,11 @@ pub unsafe extern "C" fn plugbus_host_publish_moves(
     }
 }
 
-fn decode_envelope(bytes: &[u8]) -> Result<EventEnvelope, Error> {
-    let env = EventEnvelope::decode(bytes).map_err(|e| Error::invalid(format!("envelope does not decode: {e}")))?;
+/// Decodes an envelope argument into the handle's reused envelopes (lent until the next call).
+fn decode_envelope<'s>(decoder: &'s mut EnvelopeDecoder, bytes: &[u8]) -> Result<&'s mut EventEnvelope, Error> {
+    let env = decoder
+        .decode(bytes)
+        .map_err(|e| Error::invalid(format!("envelope does not decode: {e}")))?;
     if env.payload.is_none() {
         return Err(Error::invalid("envelope carries no event (payload is empty)"));
     }
@@ -329,8 +348,8 @@ pub unsafe extern "C" fn plugbus_host_publish_event(
     unsafe {
         with_host(h, |s| {
             in_tick(s)?;
-            let mut env = decode_envelope(arg_bytes(envelope, len, MAX_MESSAGE, "envelope")?)?;
-            s.host.publish(&mut env);
+            let env = decode_envelope(&mut s.decoder, arg_bytes(envelope, len, MAX_MESSAGE, "envelope")?)?;
+            s.host.publish(env);
             Ok(PLUGBUS_OK)
         })
     }
@@ -355,40 +374,55 @@ pub unsafe extern "C" fn plugbus_host_dispatch_event(
             if pending.is_null() {
                 return Err(Error::null("pending"));
             }
-            let mut env = decode_envelope(arg_bytes(envelope, len, MAX_MESSAGE, "envelope")?)?;
-            let p = s.host.dispatch(&mut env);
+            let env = decode_envelope(&mut s.decoder, arg_bytes(envelope, len, MAX_MESSAGE, "envelope")?)?;
+            let p = s.host.dispatch(env);
             pending.write(p.event_id());
             Ok(PLUGBUS_OK)
         })
     }
 }
 
-/// A (pointer, length) UTF-8 argument, owned.
-///
-/// # Safety
-/// As `arg_str`.
-unsafe fn owned(p: *const c_char, len: usize, what: &str) -> Result<String, Error> {
-    // SAFETY: forwarded contract.
-    unsafe { arg_str(p, len, MAX_MESSAGE, what) }.map(str::to_owned)
+/// Which of `HostState::typed` a helper fills.
+const JOIN: usize = 0;
+const QUIT: usize = 1;
+const CHAT: usize = 2;
+const COMMAND: usize = 3;
+
+/// The payload of `env` as the variant `get` picks, made (`wrap` of a default) if `env` holds
+/// another one or none.
+fn typed<T: Default>(
+    env: &mut EventEnvelope,
+    wrap: fn(T) -> Payload,
+    get: fn(&mut Payload) -> Option<&mut T>,
+) -> &mut T {
+    if env.payload.as_mut().and_then(get).is_none() {
+        env.payload = Some(wrap(T::default()));
+    }
+    env.payload.as_mut().and_then(get).expect("the variant was just set")
 }
 
-/// Routes the envelope built in `s.envelope`: published, or dispatched into `pending`.
-fn route(s: &mut HostState, payload: Payload, pending: Option<*mut u64>) -> Result<plugbus_status, Error> {
-    let mut env = std::mem::take(&mut s.envelope);
+/// Sets `dst` to `src`, keeping `dst`'s storage.
+fn set(dst: &mut String, src: &str) {
+    dst.clear();
+    dst.push_str(src);
+}
+
+/// Routes the envelope a typed helper filled in `s.typed[which]`: published, or dispatched
+/// into `pending`.
+fn route(s: &mut HostState, which: usize, pending: Option<*mut u64>) -> Result<plugbus_status, Error> {
+    let env = &mut s.typed[which];
     env.event_id.clear();
     env.r#type = 0;
     env.expects_response = false;
     env.immediate = false;
-    env.payload = Some(payload);
     match pending {
         Some(out) => {
-            let p = s.host.dispatch(&mut env);
+            let p = s.host.dispatch(env);
             // SAFETY: checked non-null by the caller; writable per its contract.
             unsafe { out.write(p.event_id()) };
         }
-        None => s.host.publish(&mut env),
+        None => s.host.publish(env),
     }
-    s.envelope = env;
     Ok(PLUGBUS_OK)
 }
 
@@ -408,12 +442,18 @@ pub unsafe extern "C" fn plugbus_host_publish_join(
     unsafe {
         with_host(h, |s| {
             in_tick(s)?;
-            let ev = PlayerJoinEvent {
-                player_uuid: owned(uuid, uuid_len, "uuid")?,
-                name: owned(name, name_len, "name")?,
-                world: None,
-            };
-            route(s, Payload::PlayerJoin(ev), None)
+            let (uuid, name) = (
+                arg_str(uuid, uuid_len, MAX_MESSAGE, "uuid")?,
+                arg_str(name, name_len, MAX_MESSAGE, "name")?,
+            );
+            let ev = typed(&mut s.typed[JOIN], Payload::PlayerJoin, |p| match p {
+                Payload::PlayerJoin(e) => Some(e),
+                _ => None,
+            });
+            set(&mut ev.player_uuid, uuid);
+            set(&mut ev.name, name);
+            ev.world = None;
+            route(s, JOIN, None)
         })
     }
 }
@@ -434,11 +474,17 @@ pub unsafe extern "C" fn plugbus_host_publish_quit(
     unsafe {
         with_host(h, |s| {
             in_tick(s)?;
-            let ev = PlayerQuitEvent {
-                player_uuid: owned(uuid, uuid_len, "uuid")?,
-                name: owned(name, name_len, "name")?,
-            };
-            route(s, Payload::PlayerQuit(ev), None)
+            let (uuid, name) = (
+                arg_str(uuid, uuid_len, MAX_MESSAGE, "uuid")?,
+                arg_str(name, name_len, MAX_MESSAGE, "name")?,
+            );
+            let ev = typed(&mut s.typed[QUIT], Payload::PlayerQuit, |p| match p {
+                Payload::PlayerQuit(e) => Some(e),
+                _ => None,
+            });
+            set(&mut ev.player_uuid, uuid);
+            set(&mut ev.name, name);
+            route(s, QUIT, None)
         })
     }
 }
@@ -466,12 +512,19 @@ pub unsafe extern "C" fn plugbus_host_dispatch_chat(
             if pending.is_null() {
                 return Err(Error::null("pending"));
             }
-            let ev = ChatEvent {
-                player_uuid: owned(uuid, uuid_len, "uuid")?,
-                name: owned(name, name_len, "name")?,
-                message: owned(message, message_len, "message")?,
-            };
-            route(s, Payload::Chat(ev), Some(pending))
+            let (uuid, name) = (
+                arg_str(uuid, uuid_len, MAX_MESSAGE, "uuid")?,
+                arg_str(name, name_len, MAX_MESSAGE, "name")?,
+            );
+            let message = arg_str(message, message_len, MAX_MESSAGE, "message")?;
+            let ev = typed(&mut s.typed[CHAT], Payload::Chat, |p| match p {
+                Payload::Chat(e) => Some(e),
+                _ => None,
+            });
+            set(&mut ev.player_uuid, uuid);
+            set(&mut ev.name, name);
+            set(&mut ev.message, message);
+            route(s, CHAT, Some(pending))
         })
     }
 }
@@ -500,18 +553,31 @@ pub unsafe extern "C" fn plugbus_host_dispatch_command(
             if pending.is_null() {
                 return Err(Error::null("pending"));
             }
-            let raw = owned(raw, raw_len, "raw")?;
-            let mut words = raw.strip_prefix('/').unwrap_or(&raw).split_whitespace();
-            let command = words.next().unwrap_or_default().to_owned();
-            let args = words.map(str::to_owned).collect();
-            let ev = CommandEvent {
-                player_uuid: owned(uuid, uuid_len, "uuid")?,
-                name: owned(name, name_len, "name")?,
-                command,
-                args,
-                raw,
-            };
-            route(s, Payload::Command(ev), Some(pending))
+            let (uuid, name) = (
+                arg_str(uuid, uuid_len, MAX_MESSAGE, "uuid")?,
+                arg_str(name, name_len, MAX_MESSAGE, "name")?,
+            );
+            let raw = arg_str(raw, raw_len, MAX_MESSAGE, "raw")?;
+            let ev = typed(&mut s.typed[COMMAND], Payload::Command, |p| match p {
+                Payload::Command(e) => Some(e),
+                _ => None,
+            });
+            set(&mut ev.player_uuid, uuid);
+            set(&mut ev.name, name);
+            set(&mut ev.raw, raw);
+            let mut words = raw.strip_prefix('/').unwrap_or(raw).split_whitespace();
+            set(&mut ev.command, words.next().unwrap_or_default());
+            // The arguments reuse the strings of the last command's, as far as they go.
+            let mut n = 0;
+            for w in words {
+                match ev.args.get_mut(n) {
+                    Some(a) => set(a, w),
+                    None => ev.args.push(w.to_owned()),
+                }
+                n += 1;
+            }
+            ev.args.truncate(n);
+            route(s, COMMAND, Some(pending))
         })
     }
 }
@@ -534,21 +600,30 @@ pub unsafe extern "C" fn plugbus_host_end_tick(h: *mut plugbus_host) -> plugbus_
 }
 
 /// Keeps `o` in the handle (the merged change, encoded, and its chat message) and fills `out`.
-fn take_outcome(s: &mut HostState, o: &Outcome, out: *mut plugbus_outcome) {
+/// Fills `*out` and the lent outcome buffers from `s.outcome`, reusing them.
+fn take_outcome(s: &mut HostState, out: *mut plugbus_outcome) {
+    use std::fmt::Write as _;
+    let o = &mut s.outcome;
     s.outcome_bytes.clear();
-    s.outcome_chat = None;
+    s.outcome_chat.clear();
+    s.has_chat = false;
     if let Some(event_result::Update::Chat(c)) = &o.mutation {
-        s.outcome_chat.clone_from(&c.message);
+        if let Some(m) = &c.message {
+            s.outcome_chat.push_str(m);
+            s.has_chat = true;
+        }
     }
     if o.cancelled || o.mutation.is_some() {
-        EventResult {
-            event_id: o.event_id.to_string(),
-            cancel: o.cancelled.then_some(true),
-            update: o.mutation.clone(),
-        }
-        .encode(&mut s.outcome_bytes)
-        .expect("a Vec grows");
+        // The outcome's mutation is lent to the reused message for the encoding, not cloned.
+        let r = &mut s.result;
+        r.event_id.clear();
+        let _ = write!(r.event_id, "{}", o.event_id);
+        r.cancel = o.cancelled.then_some(true);
+        std::mem::swap(&mut r.update, &mut o.mutation);
+        r.encode(&mut s.outcome_bytes).expect("a Vec grows");
+        std::mem::swap(&mut r.update, &mut o.mutation);
     }
+    let o = &s.outcome;
     let c = plugbus_outcome {
         event_id: o.event_id,
         cancelled: o.cancelled,
@@ -591,12 +666,11 @@ pub unsafe extern "C" fn plugbus_host_poll_outcome(
                 return Err(Error::null("out"));
             }
             let p = pending_of(s, pending)?;
-            match s.host.poll_outcome(&p) {
-                Some(o) => {
-                    take_outcome(s, &o, out);
-                    Ok(PLUGBUS_OK)
-                }
-                None => Ok(super::host::PLUGBUS_PENDING),
+            if s.host.poll_outcome_into(&p, &mut s.outcome) {
+                take_outcome(s, out);
+                Ok(PLUGBUS_OK)
+            } else {
+                Ok(super::host::PLUGBUS_PENDING)
             }
         })
     }
@@ -629,8 +703,10 @@ pub unsafe extern "C" fn plugbus_host_wait(
                 )));
             }
             let p = pending_of(s, pending)?;
-            let o = s.host.wait(&p, Instant::now() + Duration::from_micros(timeout_us));
-            take_outcome(s, &o, out);
+            s.host
+                .wait_into(&p, Instant::now() + Duration::from_micros(timeout_us), &mut s.outcome);
+            take_outcome(s, out);
+            let o = &s.outcome;
             if o.late.is_empty() {
                 Ok(PLUGBUS_OK)
             } else {
@@ -684,12 +760,11 @@ pub unsafe extern "C" fn plugbus_host_outcome_chat(h: *mut plugbus_host, message
             if message.is_null() {
                 return Err(Error::null("message"));
             }
-            match &s.outcome_chat {
-                Some(m) => {
-                    message.write(plugbus_str::new(m));
-                    Ok(PLUGBUS_OK)
-                }
-                None => Ok(PLUGBUS_NONE),
+            if s.has_chat {
+                message.write(plugbus_str::new(&s.outcome_chat));
+                Ok(PLUGBUS_OK)
+            } else {
+                Ok(PLUGBUS_NONE)
             }
         })
     }
@@ -710,6 +785,10 @@ pub unsafe extern "C" fn plugbus_host_next_action(h: *mut plugbus_host, out: *mu
             }
             if !s.in_tick {
                 s.host.poll();
+            }
+            // The previous action (lent until this call) goes back for reuse.
+            if let Some(a) = s.action.take() {
+                s.host.recycle_action(a);
             }
             s.action = s.host.next_action();
             let Some(a) = &s.action else {
@@ -841,9 +920,12 @@ pub unsafe extern "C" fn plugbus_host_send_action_result(
     unsafe {
         with_host(h, |s| {
             let id = arg_str(plugin_id, plugin_id_len, MAX_MESSAGE, "plugin_id")?;
-            let r = ActionResult::decode(arg_bytes(result, result_len, MAX_MESSAGE, "result")?)
-                .map_err(|e| Error::invalid(format!("result does not decode: {e}")))?;
-            if s.host.send_action_result(id, r) {
+            codec::decode_reuse(
+                &mut s.action_result,
+                arg_bytes(result, result_len, MAX_MESSAGE, "result")?,
+            )
+            .map_err(|e| Error::invalid(format!("result does not decode: {e}")))?;
+            if s.host.send_action_result_ref(id, &s.action_result) {
                 Ok(PLUGBUS_OK)
             } else {
                 Err(Error::new(
@@ -909,6 +991,10 @@ pub unsafe extern "C" fn plugbus_host_next_log(
         with_host(h, |s| {
             if !s.in_tick {
                 s.host.poll();
+            }
+            // The previous line (lent until this call) goes back for reuse.
+            if let Some(l) = s.log.take() {
+                s.host.recycle_log(l);
             }
             s.log = s.host.next_log();
             let Some(l) = &s.log else {

@@ -1,5 +1,5 @@
-//! `plugbus loadtest --chaos` and `plugbus soak`, as a user runs them: the `plugbus` binary, real
-//! plugin processes killed with real signals, real shared memory.
+//! `plugbus loadtest --chaos`, `plugbus loadtest --floor` and `plugbus soak`, as a user runs
+//! them: the `plugbus` binary, real plugin processes killed with real signals, real shared memory.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -150,4 +150,49 @@ fn soak_samples_every_second_and_gates_on_its_limits() {
     assert!(text.contains("soak failed: RSS grew"), "{text}");
     assert!(j["soak"]["failures"].as_array().is_some_and(|f| !f.is_empty()));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn loadtest_floor_measures_the_machine_and_a_run_without_kills_counts_losses_from_reports() {
+    let dir = scratch("floor");
+    let json = dir.join("floor.json");
+    let args = [
+        "loadtest",
+        "--players",
+        "50",
+        "--tps",
+        "50",
+        "--plugins",
+        "1",
+        "--seconds",
+        "2",
+    ];
+    let (ok, text, r) = run(&[&args[..], &["--floor"]].concat(), &json);
+    assert!(ok, "{text}");
+    assert!(text.contains("machine floor"), "{text}");
+    // No kill: losses come from the plugin's report (no per-event log file is written).
+    assert_eq!(u(&r["critical_lost"]), 0, "{text}");
+    let offered: u64 = ["CHAT", "COMMAND", "PLAYER_JOIN", "PLAYER_QUIT"]
+        .iter()
+        .map(|t| r["events_offered_by_type"][t].as_u64().unwrap_or(0))
+        .sum();
+    assert!(offered > 0, "the run offered critical events: {text}");
+    let f = &r["machine_floor"];
+    // One copy per plugin of one move frame (48 bytes a player and a 64-byte header), into a
+    // ring the size the load test gives each plugin (64 KiB at least).
+    assert_eq!(u(&f["bytes_per_copy"]), 50 * 48 + 64, "{f}");
+    assert_eq!(u(&f["copies"]), 1, "{f}");
+    assert_eq!(u(&f["ring_bytes"]), 64 << 10, "{f}");
+    // 5 s of ticks at 50 ticks/s; a tick the reader was late for is left out.
+    for k in ["cold_copy_ns", "handoff_ns"] {
+        let n = u(&f[k]["count"]);
+        assert!((200..=250).contains(&n), "{k}: {n} samples: {f}");
+        assert!(u(&f[k]["p50"]) > 0, "{k}: {f}");
+    }
+    assert_eq!(u(&f["warm_copy_ns"]["count"]), 250, "{f}");
+    // Without --floor there is none.
+    let json = dir.join("plain.json");
+    let (ok, text, r) = run(&args, &json);
+    assert!(ok, "{text}");
+    assert!(r.get("machine_floor").is_none(), "{r}");
 }

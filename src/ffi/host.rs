@@ -124,14 +124,12 @@ impl Default for plugbus_action {
 struct HostState {
     host: Host,
     in_tick: bool,
-    /// The last outcome taken (its lists and names reused by the next).
+    /// The last outcome taken (its lists and names reused by the next; its chat message is
+    /// what `plugbus_host_outcome_chat` lends).
     outcome: Outcome,
-    /// The last outcome's merged change, encoded (built in `result`), and its chat message if
-    /// it sets one (`has_chat`).
+    /// The last outcome's merged change, encoded (built in `result`).
     outcome_bytes: Vec<u8>,
     result: EventResult,
-    outcome_chat: String,
-    has_chat: bool,
     /// `plugbus_host_publish_event` / `dispatch_event`: the envelopes decoded into.
     decoder: EnvelopeDecoder,
     /// `plugbus_host_send_action_result`: the result decoded into.
@@ -189,8 +187,6 @@ fn start(config: Result<HostConfig, crate::host::ConfigError>, out: *mut *mut pl
             outcome: Outcome::default(),
             outcome_bytes: Vec::new(),
             result: EventResult::default(),
-            outcome_chat: String::new(),
-            has_chat: false,
             decoder: EnvelopeDecoder::default(),
             action_result: ActionResult::default(),
             action: None,
@@ -599,20 +595,12 @@ pub unsafe extern "C" fn plugbus_host_end_tick(h: *mut plugbus_host) -> plugbus_
     }
 }
 
-/// Keeps `o` in the handle (the merged change, encoded, and its chat message) and fills `out`.
-/// Fills `*out` and the lent outcome buffers from `s.outcome`, reusing them.
+/// Encodes the merged change of the outcome just taken into `s.outcome` (reusing the buffer)
+/// and fills `*out`.
 fn take_outcome(s: &mut HostState, out: *mut plugbus_outcome) {
     use std::fmt::Write as _;
     let o = &mut s.outcome;
     s.outcome_bytes.clear();
-    s.outcome_chat.clear();
-    s.has_chat = false;
-    if let Some(event_result::Update::Chat(c)) = &o.mutation {
-        if let Some(m) = &c.message {
-            s.outcome_chat.push_str(m);
-            s.has_chat = true;
-        }
-    }
     if o.cancelled || o.mutation.is_some() {
         // The outcome's mutation is lent to the reused message for the encoding, not cloned.
         let r = &mut s.result;
@@ -760,11 +748,16 @@ pub unsafe extern "C" fn plugbus_host_outcome_chat(h: *mut plugbus_host, message
             if message.is_null() {
                 return Err(Error::null("message"));
             }
-            if s.has_chat {
-                message.write(plugbus_str::new(&s.outcome_chat));
-                Ok(PLUGBUS_OK)
-            } else {
-                Ok(PLUGBUS_NONE)
+            let chat = match &s.outcome.mutation {
+                Some(event_result::Update::Chat(c)) => c.message.as_deref(),
+                _ => None,
+            };
+            match chat {
+                Some(m) => {
+                    message.write(plugbus_str::new(m));
+                    Ok(PLUGBUS_OK)
+                }
+                None => Ok(PLUGBUS_NONE),
             }
         })
     }

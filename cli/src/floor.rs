@@ -68,6 +68,9 @@ struct Shared {
     ack: AtomicU64,
 }
 
+/// Ticks (and back-to-back copies) run before the measured ones.
+const WARM_UP: u64 = 10;
+
 /// Runs the probe (about `ticks` tick lengths plus a few back-to-back copies).
 pub fn measure(spec: &FloorSpec) -> FloorReport {
     let words = spec.bytes.div_ceil(8).max(1);
@@ -83,14 +86,13 @@ pub fn measure(spec: &FloorSpec) -> FloorReport {
     });
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pinned = cpus >= 2;
-    let ticks = spec.ticks;
     let reader = {
         let s = Arc::clone(&shared);
         std::thread::spawn(move || {
             if pinned {
                 crate::pin_current_thread(1);
             }
-            let mut seen_at = Vec::with_capacity(ticks + 16);
+            let mut handoff = plugbus::host::Hist::default();
             let mut last = 0;
             let mut sum = 0u64;
             loop {
@@ -103,7 +105,9 @@ pub fn measure(spec: &FloorSpec) -> FloorReport {
                     break;
                 }
                 let now = monotonic_ns();
-                seen_at.push((seq, now.saturating_sub(s.stored_ns.load(Ordering::Relaxed))));
+                if seq > WARM_UP {
+                    handoff.record(now.saturating_sub(s.stored_ns.load(Ordering::Relaxed)));
+                }
                 let at = s.at.load(Ordering::Relaxed) as usize;
                 for r in &s.rings {
                     for k in 0..words {
@@ -114,7 +118,7 @@ pub fn measure(spec: &FloorSpec) -> FloorReport {
                 s.ack.store(seq, Ordering::Release);
             }
             std::hint::black_box(sum);
-            seen_at
+            handoff
         })
     };
     let writer = {
@@ -124,7 +128,6 @@ pub fn measure(spec: &FloorSpec) -> FloorReport {
             if pinned {
                 crate::pin_current_thread(0);
             }
-            let warm_up = 10;
             let mut cold = plugbus::host::Hist::default();
             let mut warm = plugbus::host::Hist::default();
             let mut at = 0usize;
@@ -142,17 +145,17 @@ pub fn measure(spec: &FloorSpec) -> FloorReport {
             };
             let mut next = Instant::now() + spec.tick_len;
             let mut published = 0u64;
-            for tick in 1..=(warm_up + spec.ticks) as u64 {
+            for tick in 1..=WARM_UP + spec.ticks as u64 {
                 sleep_until(next);
                 next += spec.tick_len;
                 // The reader is still reading the last copy only if it lost its CPU for a whole
                 // tick: wait for it (no copy overwrites a read), and leave this tick out.
-                let mut measured = tick > warm_up as u64;
+                let mut measured = tick > WARM_UP;
                 while s.ack.load(Ordering::Acquire) != published {
                     measured = false;
                     std::thread::yield_now();
                 }
-                if !measured && tick > warm_up as u64 {
+                if !measured && tick > WARM_UP {
                     next = Instant::now() + spec.tick_len;
                 }
                 let took = copy(&s, &mut at, tick);
@@ -168,9 +171,9 @@ pub fn measure(spec: &FloorSpec) -> FloorReport {
                 std::thread::yield_now();
             }
             s.seq.store(u64::MAX, Ordering::Release);
-            for tick in 0..(warm_up + spec.ticks) as u64 {
+            for tick in 0..WARM_UP + spec.ticks as u64 {
                 let took = copy(&s, &mut at, tick);
-                if tick >= warm_up as u64 {
+                if tick >= WARM_UP {
                     warm.record(took);
                 }
             }
@@ -178,13 +181,7 @@ pub fn measure(spec: &FloorSpec) -> FloorReport {
         })
     };
     let (cold, warm) = writer.join().expect("floor writer panicked");
-    let seen = reader.join().expect("floor reader panicked");
-    let mut handoff = plugbus::host::Hist::default();
-    for (seq, ns) in seen {
-        if seq > 10 {
-            handoff.record(ns);
-        }
-    }
+    let handoff = reader.join().expect("floor reader panicked");
     FloorReport {
         bytes_per_copy: spec.bytes,
         copies: spec.copies,

@@ -104,12 +104,13 @@ impl Handler for LoadPlugin {
             return Reply::Ack;
         }
         *self.report.counts.entry(event.r#type).or_default() += 1;
+        let critical = crate::sim::is_critical(event.r#type);
         let keep = match self.record {
             Record::All => true,
-            Record::Critical => crate::sim::is_critical(event.r#type),
+            Record::Critical => critical,
             Record::None => false,
         };
-        if crate::sim::is_critical(event.r#type) {
+        if critical {
             self.report.critical_seen += 1;
         }
         if keep && self.report.critical.len() < MAX_SAMPLES {
@@ -118,7 +119,7 @@ impl Handler for LoadPlugin {
             }
         }
         if let Some(f) = &mut self.critical_log {
-            if crate::sim::is_critical(event.r#type) {
+            if critical {
                 use std::io::Write as _;
                 let _ = f.write_all(format!("{}\n", event.event_id).as_bytes());
             }

@@ -540,13 +540,29 @@ fn host_ticks_with_100_moves_and_a_chat_allocate_nothing() {
 struct Answerer {
     who: u8,
     answered: u64,
+    commands: u64,
 }
 
+/// The arguments of the command [`dispatch_answers_and_outcomes_allocate_nothing`] publishes.
+const COMMAND_ARGS: [&str; 3] = ["Alex", "a longer argument, with spaces", "-3.5"];
+
 impl Handler for Answerer {
-    fn on_event(&mut self, _ctx: &mut Context<'_>, event: &EventEnvelope) -> Reply {
+    fn on_event(&mut self, ctx: &mut Context<'_>, event: &EventEnvelope) -> Reply {
         self.answered += 1;
         match &event.payload {
             Some(Payload::Chat(c)) if self.who == 0 && c.message == "gg" => Reply::Cancel,
+            // A chat filter: the new text is written into the storage of the last one sent.
+            Some(Payload::Chat(c)) if self.who == 1 => {
+                let mut text = ctx.recycled_string();
+                text.push_str(&c.message);
+                text.push('!');
+                Reply::chat_message(text)
+            }
+            Some(Payload::Command(c)) => {
+                assert_eq!(c.args, COMMAND_ARGS, "command arguments");
+                self.commands += 1;
+                Reply::Ack
+            }
             Some(Payload::PlayerFoodLoss(f)) if self.who == 0 => {
                 Reply::Mutate(event_result::Update::PlayerFoodLoss(PlayerFoodLossMutation {
                     to: Some(f.to - 1),
@@ -578,10 +594,29 @@ fn dispatch_answers_and_outcomes_allocate_nothing() {
     let _one_host = HOSTS.lock().unwrap_or_else(|e| e.into_inner());
     let (mut host, mut plugins) = host_with_plugins(
         &[("answer_a", 1), ("answer_b", 2)],
-        &[EventType::Chat, EventType::PlayerFoodLoss],
+        &[EventType::Chat, EventType::PlayerFoodLoss, EventType::Command],
     );
-    let mut handlers = [Answerer { who: 0, answered: 0 }, Answerer { who: 1, answered: 0 }];
+    let mut handlers = [
+        Answerer {
+            who: 0,
+            answered: 0,
+            commands: 0,
+        },
+        Answerer {
+            who: 1,
+            answered: 0,
+            commands: 0,
+        },
+    ];
     let mut pool = EnvelopePool::default();
+    // A command with arguments, published each tick: the plugins decode its arguments into
+    // strings kept from the previous command.
+    let mut command = pool.take(EventType::Command);
+    if let Some(Payload::Command(c)) = &mut command.payload {
+        c.player_uuid.push_str("8d3f0c6e-93c5-4c2f-9b7b-3f1b3c1f2a10");
+        c.command.push_str("tp");
+        c.args = COMMAND_ARGS.iter().map(|a| (*a).to_owned()).collect();
+    }
     // Kept from one event to the next: its lists, names and mutation are reused.
     let mut out = Outcome::default();
     let (mut cancelled, mut mutated) = (0, 0);
@@ -600,6 +635,7 @@ fn dispatch_answers_and_outcomes_allocate_nothing() {
         }
         let food_pending = tick.dispatch(&mut food);
         pool.give(food);
+        tick.publish(&mut command);
         tick.end();
         // Both plugins answer (their replies are in the host's rings when `poll` returns).
         for (p, h) in plugins.iter_mut().zip(&mut handlers) {
@@ -608,8 +644,17 @@ fn dispatch_answers_and_outcomes_allocate_nothing() {
         // Polled: every plugin answered, so the outcome is complete.
         assert!(host.poll_outcome_into(&chat_pending, &mut out), "chat outcome complete");
         check_answered(&out, chat_pending.event_id());
-        assert_eq!(out.cancelled, MESSAGES[i as usize % MESSAGES.len()] == "gg");
-        assert_eq!(out.mutation, None);
+        let said = MESSAGES[i as usize % MESSAGES.len()];
+        assert_eq!(out.cancelled, said == "gg");
+        // The second plugin's new text wins unless the first cancelled.
+        match &out.mutation {
+            None => assert!(out.cancelled, "chat outcome without the mutation"),
+            Some(event_result::Update::Chat(m)) => {
+                let text = m.message.as_deref().expect("the mutation's text");
+                assert!(text.len() == said.len() + 1 && text.starts_with(said) && text.ends_with('!'));
+            }
+            Some(other) => panic!("chat outcome: {other:?}"),
+        }
         cancelled += u64::from(out.cancelled);
         // Waited for: returns at once, complete.
         host.wait_into(&food_pending, Instant::now() + Duration::from_secs(5), &mut out);
@@ -628,6 +673,7 @@ fn dispatch_answers_and_outcomes_allocate_nothing() {
     assert!(cancelled >= STEADY_TICKS / 4, "cancelled {cancelled}");
     assert!(mutated >= STEADY_TICKS);
     assert!(handlers.iter().all(|h| h.answered >= 2 * STEADY_TICKS));
+    assert!(handlers.iter().all(|h| h.commands >= STEADY_TICKS));
     eprintln!(
         "{STEADY_TICKS} ticks of 2 dispatches to 2 plugins in {:?}",
         started.elapsed()
@@ -925,9 +971,9 @@ fn c_api_host_dispatch_outcomes_actions_and_logs_allocate_nothing() {
     assert_steady_state_allocates_nothing("the host's C API", 50, STEADY_TICKS, |i| {
         let (u, n) = ("8d3f0c6e-93c5-4c2f-9b7b-3f1b3c1f2a10", "Steve");
         let msg = MESSAGES[i as usize % MESSAGES.len()];
-        // Without arguments: a command's `args` (a repeated string) cost an allocation per
-        // argument when the plugin decodes them (prost's merge pushes a new String each).
-        let line = if i % 2 == 0 { "/home" } else { "/spawn" };
+        // With arguments, a different number each tick: the host splits them into the
+        // strings of the previous command, the plugin decodes them into kept strings.
+        let line = if i % 2 == 0 { "/tp Alex 10 64 -3" } else { "/spawn here" };
         let (mut chat, mut command, mut tick) = (0u64, 0u64, 0u64);
         // SAFETY: `h` is the live host; every (pointer, length) pair is valid for its call and
         // every out-pointer writable.

@@ -758,3 +758,99 @@ fn host_decoder_reuse_equals_fresh_decode() {
     batch.drain_into(&mut frame);
     check_reuse(&mut decoder, &frame, "batch of mixed events");
 }
+
+fn command(id: &str, args: &[&str]) -> EventEnvelope {
+    EventEnvelope {
+        event_id: id.to_owned(),
+        r#type: proto::EventType::Command as i32,
+        payload: Some(event_envelope::Payload::Command(proto::CommandEvent {
+            player_uuid: "2f1d6c3e-0000-4000-8000-000000000001".to_owned(),
+            name: "Steve".to_owned(),
+            raw: format!("/tp {}", args.join(" ")),
+            command: "tp".to_owned(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+        })),
+        ..Default::default()
+    }
+}
+
+/// A command's arguments (a `repeated string`) decode into strings kept from the previous
+/// command: more, fewer, none, and two encodings merged (their lists concatenated).
+#[test]
+fn host_decoder_reuse_of_command_arguments_equals_fresh_decode() {
+    let mut decoder = HostDecoder::default();
+    let cases = [
+        command("1", &["Alex", "10", "64", "-3"]),
+        command("2", &["x"]),
+        command("3", &[]),
+        command("4", &["a much longer argument than any before it", "", "b"]),
+        command("5", &["one", "two", "three", "four", "five", "six"]),
+        chat("6", "between two commands"),
+        command("7", &["after a chat"]),
+    ];
+    for (k, env) in cases.iter().enumerate() {
+        check_reuse(&mut decoder, &event_frame(env), &format!("command case {k}"));
+    }
+    let mut body = cases[0].encode_to_vec();
+    body.extend_from_slice(&cases[3].encode_to_vec());
+    check_reuse(&mut decoder, &event_frame_raw(&body), "two commands merged");
+}
+
+fn answer(id: &str, cancel: Option<bool>, update: Option<proto::event_result::Update>) -> proto::PluginToHost {
+    proto::PluginToHost {
+        plugin_id: "p".to_owned(),
+        payload: Some(plugin_to_host::Payload::EventResult(proto::EventResult {
+            event_id: id.to_owned(),
+            cancel,
+            update,
+        })),
+    }
+}
+
+fn chat_mutation(message: Option<&str>) -> Option<proto::event_result::Update> {
+    Some(proto::event_result::Update::Chat(proto::ChatMutation {
+        message: message.map(str::to_owned),
+    }))
+}
+
+/// The host's decoder of plugin answers keeps a chat mutation's text from one answer to the
+/// next; presence still decodes as a fresh decode does: text, no text (`None`), an explicit
+/// empty text (`Some("")`), no mutation, another mutation, and merged encodings.
+#[test]
+fn plugin_decoder_reuse_of_chat_mutations_equals_fresh_decode() {
+    let mut decoder = PluginDecoder::default();
+    let food = Some(proto::event_result::Update::PlayerFoodLoss(
+        proto::PlayerFoodLossMutation { to: Some(3) },
+    ));
+    let cases = [
+        answer("1", None, chat_mutation(Some("hello there"))),
+        answer("2", None, chat_mutation(None)),
+        answer("3", Some(true), chat_mutation(Some(""))),
+        answer("4", None, chat_mutation(Some(&"long ".repeat(80)))),
+        answer("5", None, None),
+        answer("6", None, chat_mutation(Some("short"))),
+        answer("7", Some(false), food.clone()),
+        answer("8", None, chat_mutation(Some("after food"))),
+    ];
+    let check = |decoder: &mut PluginDecoder, bytes: &[u8], what: &str| {
+        let fresh = proto::PluginToHost::decode(bytes).expect("fresh decode");
+        let got = decoder.decode(bytes).expect("PluginDecoder");
+        assert_eq!(*got, fresh, "{what}: reused decode differs from a fresh decode");
+    };
+    for round in 0..2 {
+        for (k, msg) in cases.iter().enumerate() {
+            check(
+                &mut decoder,
+                &msg.encode_to_vec(),
+                &format!("round {round}, answer case {k}"),
+            );
+        }
+    }
+    // Two answers concatenated: nested messages merge, so a text set in the first survives a
+    // second mutation without one; a later different variant replaces the chat.
+    for (a, b) in [(0, 1), (1, 0), (0, 2), (3, 0), (0, 6), (6, 0), (0, 4)] {
+        let mut bytes = cases[a].encode_to_vec();
+        bytes.extend_from_slice(&cases[b].encode_to_vec());
+        check(&mut decoder, &bytes, &format!("answers {a} and {b} merged"));
+    }
+}

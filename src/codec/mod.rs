@@ -149,11 +149,148 @@ pub trait Reusable: Message {
     /// Lowest field number of the oneof (every known field at or above it belongs to the oneof;
     /// a field unknown to this schema may have any number).
     const ONEOF_MIN: u32 = 10;
+    /// Moves the strings that [`Reusable::reset_keep`] would drop (an `optional string`'s
+    /// value, the items of a `repeated string`, where this type reuses them) into `spare`.
+    #[inline]
+    fn keep_strings(&mut self, _spare: &mut StringSpare) {}
+    /// Merges one field, as `merge_field` does, taking the strings it needs from `spare`.
+    #[inline]
+    fn merge_field_keep(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut &[u8],
+        _spare: &mut StringSpare,
+    ) -> Result<(), DecodeError>
+    where
+        Self: Sized,
+    {
+        Ok(self.merge_field(tag, wire_type, buf, DecodeContext::default())?)
+    }
 }
 
+/// Most strings a [`StringSpare`] keeps.
+const MAX_SPARE_STRINGS: usize = 64;
+
+/// Strings taken out of messages as they are reset for reuse, handed to the next decode that
+/// needs one: prost's reset drops an `optional string`'s value and the items of a `repeated
+/// string`, and its merge allocates them anew. With a spare, a chat mutation's text and a
+/// command's arguments decode without allocating in steady state. Holds at most 64 strings.
+#[derive(Debug)]
+pub struct StringSpare {
+    strings: Vec<String>,
+    max: usize,
+}
+
+impl Default for StringSpare {
+    fn default() -> Self {
+        Self {
+            strings: Vec::new(),
+            max: MAX_SPARE_STRINGS,
+        }
+    }
+}
+
+impl StringSpare {
+    /// A spare that keeps nothing (what [`decode_reuse`] uses).
+    pub const fn none() -> Self {
+        Self {
+            strings: Vec::new(),
+            max: 0,
+        }
+    }
+
+    /// Keeps `s` (cleared) for a later decode, if it has storage and there is room.
+    #[inline]
+    pub fn give(&mut self, mut s: String) {
+        if s.capacity() > 0 && self.strings.len() < self.max {
+            s.clear();
+            self.strings.push(s);
+        }
+    }
+
+    /// Keeps every string of `v`, leaving it empty.
+    #[inline]
+    pub fn give_all(&mut self, v: &mut Vec<String>) {
+        for s in v.drain(..) {
+            self.give(s);
+        }
+    }
+
+    /// An empty string, with storage if one was kept.
+    #[inline]
+    pub fn take(&mut self) -> String {
+        self.strings.pop().unwrap_or_default()
+    }
+}
+
+/// Merges the body of the length-delimited field whose key was just read from `buf` into `m`,
+/// field by field through `merge` (what prost's nested-message merge does, with a merge of our
+/// own per field).
+#[inline]
+fn merge_nested_keep<T>(
+    m: &mut T,
+    buf: &mut &[u8],
+    mut merge: impl FnMut(&mut T, u32, WireType, &mut &[u8]) -> Result<(), DecodeError>,
+) -> Result<(), DecodeError> {
+    let mut body = take_len_delimited(buf, "nested message runs past its field")?;
+    while body.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut body)?;
+        merge(m, tag, wire_type, &mut body)?;
+    }
+    Ok(())
+}
+
+/// `ChatMutation.message`, merged into a kept string.
+#[inline]
+fn merge_chat_mutation_keep(
+    c: &mut proto::ChatMutation,
+    tag: u32,
+    wire_type: WireType,
+    buf: &mut &[u8],
+    spare: &mut StringSpare,
+) -> Result<(), DecodeError> {
+    if tag == CHAT_MUTATION_MESSAGE && wire_type == WireType::LengthDelimited {
+        let s = c.message.get_or_insert_with(|| spare.take());
+        prost::encoding::string::merge(wire_type, s, buf, DecodeContext::default())?;
+        return Ok(());
+    }
+    Ok(c.merge_field(tag, wire_type, buf, DecodeContext::default())?)
+}
+
+/// `CommandEvent.args` items, merged into kept strings.
+#[inline]
+fn merge_command_keep(
+    c: &mut proto::CommandEvent,
+    tag: u32,
+    wire_type: WireType,
+    buf: &mut &[u8],
+    spare: &mut StringSpare,
+) -> Result<(), DecodeError> {
+    if tag == COMMAND_EVENT_ARGS && wire_type == WireType::LengthDelimited {
+        let mut s = spare.take();
+        prost::encoding::string::merge(wire_type, &mut s, buf, DecodeContext::default())?;
+        c.args.push(s);
+        return Ok(());
+    }
+    Ok(c.merge_field(tag, wire_type, buf, DecodeContext::default())?)
+}
+
+/// `ChatMutation.message` field number.
+const CHAT_MUTATION_MESSAGE: u32 = 1;
+/// `CommandEvent.args` field number.
+const COMMAND_EVENT_ARGS: u32 = 5;
+/// `EventResult.chat` field number.
+const EVENT_RESULT_CHAT: u32 = 10;
+/// `EventEnvelope.command` field number.
+const EVENT_ENVELOPE_COMMAND: u32 = 45;
+/// `PluginToHost.event_result` field number.
+const PLUGIN_TO_HOST_EVENT_RESULT: u32 = 40;
+
 macro_rules! reusable {
-    ($ty:ty, $field:ident, |$this:ident| { $($reset:tt)* }) => {
+    ($ty:ty, $field:ident, |$this:ident| { $($reset:tt)* } $($extra:item)*) => {
         impl Reusable for $ty {
+            $($extra)*
             #[inline]
             fn reset_keep(&mut self) {
                 let $this = self;
@@ -179,17 +316,95 @@ reusable!(EventEnvelope, payload, |this| {
     this.r#type = 0;
     this.expects_response = false;
     this.immediate = false;
-});
+}
+    fn keep_strings(&mut self, spare: &mut StringSpare) {
+        if let Some(proto::event_envelope::Payload::Command(c)) = &mut self.payload {
+            spare.give_all(&mut c.args);
+        }
+    }
+    fn merge_field_keep(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut &[u8],
+        spare: &mut StringSpare,
+    ) -> Result<(), DecodeError> {
+        use proto::event_envelope::Payload;
+        if tag != EVENT_ENVELOPE_COMMAND || wire_type != WireType::LengthDelimited {
+            return Ok(self.merge_field(tag, wire_type, buf, DecodeContext::default())?);
+        }
+        // As prost merges a oneof field: into the variant if present, else into a new one.
+        if !matches!(self.payload, Some(Payload::Command(_))) {
+            self.payload = Some(Payload::Command(Default::default()));
+        }
+        let Some(Payload::Command(c)) = &mut self.payload else {
+            unreachable!("set above")
+        };
+        merge_nested_keep(c, buf, |c, t, w, b| merge_command_keep(c, t, w, b, spare))
+    }
+);
 reusable!(HostToPlugin, payload, |this| {
     this.plugin_id.clear();
 });
 reusable!(PluginToHost, payload, |this| {
     this.plugin_id.clear();
-});
+}
+    fn keep_strings(&mut self, spare: &mut StringSpare) {
+        if let Some(proto::plugin_to_host::Payload::EventResult(r)) = &mut self.payload {
+            r.keep_strings(spare);
+        }
+    }
+    fn merge_field_keep(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut &[u8],
+        spare: &mut StringSpare,
+    ) -> Result<(), DecodeError> {
+        use proto::plugin_to_host::Payload;
+        if tag != PLUGIN_TO_HOST_EVENT_RESULT || wire_type != WireType::LengthDelimited {
+            return Ok(self.merge_field(tag, wire_type, buf, DecodeContext::default())?);
+        }
+        if !matches!(self.payload, Some(Payload::EventResult(_))) {
+            self.payload = Some(Payload::EventResult(Default::default()));
+        }
+        let Some(Payload::EventResult(r)) = &mut self.payload else {
+            unreachable!("set above")
+        };
+        merge_nested_keep(r, buf, |r, t, w, b| r.merge_field_keep(t, w, b, spare))
+    }
+);
 reusable!(proto::EventResult, update, |this| {
     this.event_id.clear();
     this.cancel = None;
-});
+}
+    fn keep_strings(&mut self, spare: &mut StringSpare) {
+        if let Some(proto::event_result::Update::Chat(c)) = &mut self.update {
+            if let Some(s) = c.message.take() {
+                spare.give(s);
+            }
+        }
+    }
+    fn merge_field_keep(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut &[u8],
+        spare: &mut StringSpare,
+    ) -> Result<(), DecodeError> {
+        use proto::event_result::Update;
+        if tag != EVENT_RESULT_CHAT || wire_type != WireType::LengthDelimited {
+            return Ok(self.merge_field(tag, wire_type, buf, DecodeContext::default())?);
+        }
+        if !matches!(self.update, Some(Update::Chat(_))) {
+            self.update = Some(Update::Chat(Default::default()));
+        }
+        let Some(Update::Chat(c)) = &mut self.update else {
+            unreachable!("set above")
+        };
+        merge_nested_keep(c, buf, |c, t, w, b| merge_chat_mutation_keep(c, t, w, b, spare))
+    }
+);
 reusable!(proto::Action, kind, |this| {
     this.correlation_id = None;
 });
@@ -208,18 +423,39 @@ reusable!(proto::ActionResult, result, |this| {
 /// The input set the oneof when merging a field left that field's number as the variant; a
 /// field this schema does not know (from a newer peer) is skipped by the merge and does not
 /// count, even when its number is at or above [`Reusable::ONEOF_MIN`].
-pub fn decode_reuse<M: Reusable>(msg: &mut M, mut bytes: &[u8]) -> Result<(), DecodeError> {
+pub fn decode_reuse<M: Reusable>(msg: &mut M, bytes: &[u8]) -> Result<(), DecodeError> {
+    decode_reuse_spare(msg, bytes, &mut StringSpare::none())
+}
+
+/// [`decode_reuse`] that also keeps the strings a reset would drop (see [`StringSpare`]) and
+/// takes the strings the decode needs from `spare`.
+pub fn decode_reuse_spare<M: Reusable>(
+    msg: &mut M,
+    mut bytes: &[u8],
+    spare: &mut StringSpare,
+) -> Result<(), DecodeError> {
+    msg.keep_strings(spare);
     msg.reset_keep();
     let mut oneof_seen = false;
     while bytes.has_remaining() {
         let (tag, wire_type) = decode_key(&mut bytes)?;
-        msg.merge_field(tag, wire_type, &mut bytes, DecodeContext::default())?;
+        msg.merge_field_keep(tag, wire_type, &mut bytes, spare)?;
         if tag >= M::ONEOF_MIN && msg.oneof_number() == i32::try_from(tag).ok() {
             oneof_seen = true;
         }
     }
     if !oneof_seen {
         msg.clear_oneof();
+    }
+    Ok(())
+}
+
+/// Merges `bytes` (an encoding of `M`, or of some of its fields) into `msg` as prost's `merge`
+/// does, taking the strings it needs from `spare`.
+pub fn merge_keep<M: Reusable>(msg: &mut M, mut bytes: &[u8], spare: &mut StringSpare) -> Result<(), DecodeError> {
+    while bytes.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut bytes)?;
+        msg.merge_field_keep(tag, wire_type, &mut bytes, spare)?;
     }
     Ok(())
 }
@@ -272,12 +508,14 @@ const SLOTS: usize = 128;
 /// for the next event of that type).
 pub struct EnvelopeDecoder {
     slots: Vec<Option<EventEnvelope>>,
+    spare: StringSpare,
 }
 
 impl Default for EnvelopeDecoder {
     fn default() -> Self {
         Self {
             slots: (0..SLOTS).map(|_| None).collect(),
+            spare: StringSpare::default(),
         }
     }
 }
@@ -298,7 +536,7 @@ impl EnvelopeDecoder {
             payload: proto::event_envelope::Payload::default_for(number as i32),
             ..Default::default()
         });
-        decode_reuse(env, body)?;
+        decode_reuse_spare(env, body, &mut self.spare)?;
         Ok(env)
     }
 }
@@ -492,6 +730,7 @@ const PLUGIN_SLOTS: usize = 64;
 pub struct PluginDecoder {
     copy: Vec<u8>,
     msgs: Vec<PluginToHost>,
+    spare: StringSpare,
 }
 
 impl PluginDecoder {
@@ -509,7 +748,44 @@ impl PluginDecoder {
             self.msgs.resize_with(PLUGIN_SLOTS, PluginToHost::default);
         }
         let msg = &mut self.msgs[(number as usize).min(PLUGIN_SLOTS - 1)];
-        decode_reuse(msg, &self.copy)?;
+        decode_reuse_spare(msg, &self.copy, &mut self.spare)?;
         Ok(msg)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// The field numbers the string-keeping merges match on are the schema's.
+    #[test]
+    fn kept_string_field_numbers_are_the_schemas() {
+        use proto::{event_envelope, event_result, plugin_to_host};
+        let n = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok());
+        assert_eq!(
+            n(event_envelope::Payload::Command(Default::default())
+                .field_number()
+                .into()),
+            Some(EVENT_ENVELOPE_COMMAND)
+        );
+        assert_eq!(
+            n(plugin_to_host::Payload::EventResult(Default::default())
+                .field_number()
+                .into()),
+            Some(PLUGIN_TO_HOST_EVENT_RESULT)
+        );
+        assert_eq!(
+            n(event_result::Update::Chat(Default::default()).field_number().into()),
+            Some(EVENT_RESULT_CHAT)
+        );
+        let chat = proto::ChatMutation {
+            message: Some("x".into()),
+        };
+        assert_eq!(chat.encode_to_vec()[0] >> 3, CHAT_MUTATION_MESSAGE as u8);
+        let cmd = proto::CommandEvent {
+            args: vec!["x".into()],
+            ..Default::default()
+        };
+        assert_eq!(cmd.encode_to_vec()[0] >> 3, COMMAND_EVENT_ARGS as u8);
     }
 }

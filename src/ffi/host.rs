@@ -142,6 +142,8 @@ struct HostState {
     /// Reused for the typed helpers, one per helper (join, quit, chat, command), so that each
     /// keeps its payload's strings from one event to the next.
     typed: [EventEnvelope; 4],
+    /// Command arguments beyond the last command's count, kept for a longer command.
+    spare_args: crate::codec::StringSpare,
 }
 
 /// Runs `f` on the live host behind `h`.
@@ -195,6 +197,7 @@ fn start(config: Result<HostConfig, crate::host::ConfigError>, out: *mut *mut pl
             log: None,
             metrics: String::new(),
             typed: Default::default(),
+            spare_args: Default::default(),
         };
         let t = HOSTS.insert(Arc::new(HostHandle {
             state: Mutex::new(Some(Box::new(state))),
@@ -563,16 +566,23 @@ pub unsafe extern "C" fn plugbus_host_dispatch_command(
             set(&mut ev.raw, raw);
             let mut words = raw.strip_prefix('/').unwrap_or(raw).split_whitespace();
             set(&mut ev.command, words.next().unwrap_or_default());
-            // The arguments reuse the strings of the last command's, as far as they go.
+            // The arguments reuse the strings of earlier commands: the last one's, then those
+            // kept from longer ones.
             let mut n = 0;
             for w in words {
                 match ev.args.get_mut(n) {
                     Some(a) => set(a, w),
-                    None => ev.args.push(w.to_owned()),
+                    None => {
+                        let mut a = s.spare_args.take();
+                        a.push_str(w);
+                        ev.args.push(a);
+                    }
                 }
                 n += 1;
             }
-            ev.args.truncate(n);
+            for extra in ev.args.drain(n..) {
+                s.spare_args.give(extra);
+            }
             route(s, COMMAND, Some(pending))
         })
     }

@@ -211,6 +211,8 @@ pub struct Host {
     update_pool: BufferPool,
     /// The message answers are merged into (its variant's allocations reused).
     merged: proto::EventResult,
+    /// Strings of merged mutations kept for the next merge (a chat mutation's text).
+    merge_spare: crate::codec::StringSpare,
     actions: VecDeque<ActionItem>,
     logs: VecDeque<LogItem>,
     /// Items given back by the server, for the next actions and log lines.
@@ -320,6 +322,7 @@ impl Host {
             target_pool: Vec::new(),
             update_pool: BufferPool::new(256, 64),
             merged: proto::EventResult::default(),
+            merge_spare: crate::codec::StringSpare::default(),
             actions: VecDeque::new(),
             logs: VecDeque::new(),
             recycler: recycle::Recycler::default(),

@@ -3,10 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use prost::Message as _;
-
 use super::Host;
-use crate::codec::Reusable as _;
+use crate::codec::{self, Reusable as _};
 use crate::proto::{EventResult, event_result};
 use crate::sync::FutexWord;
 
@@ -249,6 +247,7 @@ impl Host {
             std::mem::swap(&mut merged.update, &mut out.mutation);
         }
         out.mutation = None;
+        merged.keep_strings(&mut self.merge_spare);
         merged.reset_keep();
         let mut changed = false;
         let (mut answered, mut late) = (0, 0);
@@ -261,7 +260,7 @@ impl Host {
                     // prost merges a oneof of the same variant field by field (later set
                     // fields win) and replaces a different variant. The bytes were encoded by
                     // this host from a decoded message: they decode.
-                    changed |= merged.merge(t.update.as_slice()).is_ok();
+                    changed |= codec::merge_keep(&mut merged, &t.update, &mut self.merge_spare).is_ok();
                 }
             } else {
                 s.stats.late_replies += 1;

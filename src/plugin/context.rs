@@ -53,6 +53,8 @@ pub(crate) struct Outbox {
     log_msg: PluginToHost,
     pub plugin_id: String,
     pub replies: u64,
+    /// The text of the last chat mutation sent, lent again by [`Context::recycled_string`].
+    spare_text: String,
 }
 
 /// Most sent actions kept for reuse, over all kinds.
@@ -182,7 +184,9 @@ impl Outbox {
         }
         self.encode(&msg);
         if let Some(plugin_to_host::Payload::EventResult(r)) = &mut msg.payload {
-            r.update = None;
+            if let Some(event_result::Update::Chat(proto::ChatMutation { message: Some(text) })) = r.update.take() {
+                self.spare_text = text;
+            }
         }
         self.msg = msg;
         self.replies += 1;
@@ -231,6 +235,15 @@ impl Context<'_> {
     /// This plugin's id.
     pub fn plugin_id(&self) -> &str {
         &self.out.plugin_id
+    }
+
+    /// An empty string holding the storage of the last chat mutation this plugin sent: write
+    /// the new text into it and answer with [`Reply::chat_message`], and a chat filter answers
+    /// without allocating in steady state.
+    pub fn recycled_string(&mut self) -> String {
+        let mut s = std::mem::take(&mut self.out.spare_text);
+        s.clear();
+        s
     }
 
     /// Sends any action (actions of one handler call travel as one batch, in order).

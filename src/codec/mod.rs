@@ -287,6 +287,25 @@ const EVENT_ENVELOPE_COMMAND: u32 = 45;
 /// `PluginToHost.event_result` field number.
 const PLUGIN_TO_HOST_EVENT_RESULT: u32 = 40;
 
+/// The body of `merge_field_keep` for a type whose oneof has one variant that keeps strings:
+/// field `$number` (that variant) is merged field by field with `$merge`, taking strings from
+/// the spare; any other field as prost merges it.
+macro_rules! merge_variant_keep {
+    ($this:ident, $tag:ident, $wire_type:ident, $buf:ident, $spare:ident, $number:expr, $oneof:ident, $variant:path, $merge:expr) => {{
+        if $tag != $number || $wire_type != WireType::LengthDelimited {
+            return Ok($this.merge_field($tag, $wire_type, $buf, DecodeContext::default())?);
+        }
+        // As prost merges a oneof field: into the variant if present, else into a new one.
+        if !matches!($this.$oneof, Some($variant(_))) {
+            $this.$oneof = Some($variant(Default::default()));
+        }
+        let Some($variant(m)) = &mut $this.$oneof else {
+            unreachable!("set above")
+        };
+        merge_nested_keep(m, $buf, |m, t, w, b| $merge(m, t, w, b, $spare))
+    }};
+}
+
 macro_rules! reusable {
     ($ty:ty, $field:ident, |$this:ident| { $($reset:tt)* } $($extra:item)*) => {
         impl Reusable for $ty {
@@ -329,18 +348,7 @@ reusable!(EventEnvelope, payload, |this| {
         buf: &mut &[u8],
         spare: &mut StringSpare,
     ) -> Result<(), DecodeError> {
-        use proto::event_envelope::Payload;
-        if tag != EVENT_ENVELOPE_COMMAND || wire_type != WireType::LengthDelimited {
-            return Ok(self.merge_field(tag, wire_type, buf, DecodeContext::default())?);
-        }
-        // As prost merges a oneof field: into the variant if present, else into a new one.
-        if !matches!(self.payload, Some(Payload::Command(_))) {
-            self.payload = Some(Payload::Command(Default::default()));
-        }
-        let Some(Payload::Command(c)) = &mut self.payload else {
-            unreachable!("set above")
-        };
-        merge_nested_keep(c, buf, |c, t, w, b| merge_command_keep(c, t, w, b, spare))
+        merge_variant_keep!(self, tag, wire_type, buf, spare, EVENT_ENVELOPE_COMMAND, payload, proto::event_envelope::Payload::Command, merge_command_keep)
     }
 );
 reusable!(HostToPlugin, payload, |this| {
@@ -361,17 +369,7 @@ reusable!(PluginToHost, payload, |this| {
         buf: &mut &[u8],
         spare: &mut StringSpare,
     ) -> Result<(), DecodeError> {
-        use proto::plugin_to_host::Payload;
-        if tag != PLUGIN_TO_HOST_EVENT_RESULT || wire_type != WireType::LengthDelimited {
-            return Ok(self.merge_field(tag, wire_type, buf, DecodeContext::default())?);
-        }
-        if !matches!(self.payload, Some(Payload::EventResult(_))) {
-            self.payload = Some(Payload::EventResult(Default::default()));
-        }
-        let Some(Payload::EventResult(r)) = &mut self.payload else {
-            unreachable!("set above")
-        };
-        merge_nested_keep(r, buf, |r, t, w, b| r.merge_field_keep(t, w, b, spare))
+        merge_variant_keep!(self, tag, wire_type, buf, spare, PLUGIN_TO_HOST_EVENT_RESULT, payload, proto::plugin_to_host::Payload::EventResult, <proto::EventResult as Reusable>::merge_field_keep)
     }
 );
 reusable!(proto::EventResult, update, |this| {
@@ -392,17 +390,7 @@ reusable!(proto::EventResult, update, |this| {
         buf: &mut &[u8],
         spare: &mut StringSpare,
     ) -> Result<(), DecodeError> {
-        use proto::event_result::Update;
-        if tag != EVENT_RESULT_CHAT || wire_type != WireType::LengthDelimited {
-            return Ok(self.merge_field(tag, wire_type, buf, DecodeContext::default())?);
-        }
-        if !matches!(self.update, Some(Update::Chat(_))) {
-            self.update = Some(Update::Chat(Default::default()));
-        }
-        let Some(Update::Chat(c)) = &mut self.update else {
-            unreachable!("set above")
-        };
-        merge_nested_keep(c, buf, |c, t, w, b| merge_chat_mutation_keep(c, t, w, b, spare))
+        merge_variant_keep!(self, tag, wire_type, buf, spare, EVENT_RESULT_CHAT, update, proto::event_result::Update::Chat, merge_chat_mutation_keep)
     }
 );
 reusable!(proto::Action, kind, |this| {

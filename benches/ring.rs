@@ -35,6 +35,11 @@
 //! which measures time-slicing rather than a cross-core ring (several times faster, and not what a
 //! host and a plugin on separate cores see). Set `PLUGBUS_BENCH_NO_PIN=1` to leave placement to
 //! the scheduler.
+//!
+//! Set `PLUGBUS_BENCH_PAIRED=<rounds>` to skip criterion and run the in-process pairs in rounds
+//! instead, plugbus and rtrb taking turns within each round (see [`paired`]): on a shared
+//! machine, whose load and core placement change from one second to the next, the per-round
+//! ratio is steadier than the ratio of two criterion results measured seconds apart.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 use std::process::{Child, Command, Stdio};
@@ -871,6 +876,119 @@ fn bench_ring(c: &mut Criterion) {
 
 criterion_group!(benches, bench_ring);
 
+// ---- paired in-process runs: plugbus and rtrb alternating, for a ratio less exposed to drift ----
+
+/// Environment variable that runs [`paired`] instead of criterion; its value is the number of
+/// rounds.
+const PAIRED_ENV: &str = "PLUGBUS_BENCH_PAIRED";
+/// Records each run of a pair moves (about 10 to 40 ms at this bench's rates): short, so the two
+/// runs of a round see the same machine.
+const PAIRED_N: u64 = 1 << 20;
+
+/// Runs `rounds` rounds of the four in-process pairs, plugbus and rtrb taking turns within each
+/// round (the first in one round goes second in the next), and prints, per mode, the
+/// median rate of each ring and the median, quartiles and range of the per-round ratio
+/// plugbus / rtrb.
+///
+/// The criterion group measures each function for seconds before the next one starts, so a
+/// change in the machine's load between the two shows up in their ratio (on a shared 2-vCPU
+/// machine, runs gave ratios from 0.81 to 1.14 with nothing changed). Here the two runs of a
+/// round are tens of milliseconds apart, and the ratio is taken per round.
+fn paired(rounds: usize) {
+    let (ptx, prx) = frame::channel(RegionRef::heap(frame::region_size(FRAME_BYTES))).expect("plugbus ring");
+    let (mut ptx, mut prx) = (CachePadded::new(ptx), CachePadded::new(prx));
+    let (rtx, rrx) = rtrb::RingBuffer::<MoveRecord>::new(CAP);
+    let (mut rtx, mut rrx) = (CachePadded::new(rtx), CachePadded::new(rrx));
+    // Every pair checked in full, untimed, before the rounds (as the criterion group does).
+    two_threads(
+        &mut ptx,
+        &mut prx,
+        VERIFY_N,
+        |t, n| push_plugbus_one(t, n, || {}),
+        read_plugbus::<true>,
+    );
+    two_threads(
+        &mut ptx,
+        &mut prx,
+        VERIFY_N,
+        |t, n| push_plugbus_batch(t, n, || {}),
+        read_plugbus::<true>,
+    );
+    two_threads(&mut rtx, &mut rrx, VERIFY_N, push_rtrb_one, pop_rtrb::<true>);
+    two_threads(&mut rtx, &mut rrx, VERIFY_N, push_rtrb_batch, read_rtrb::<true>);
+    let mut rates: [[Vec<f64>; 2]; 2] = Default::default();
+    let rate = |d: Duration| PAIRED_N as f64 / d.as_secs_f64() / 1e6;
+    for round in 0..rounds {
+        for (mode, batched) in [false, true].into_iter().enumerate() {
+            let mut run_plugbus = || {
+                rate(if batched {
+                    two_threads(
+                        &mut ptx,
+                        &mut prx,
+                        PAIRED_N,
+                        |t, n| push_plugbus_batch(t, n, || {}),
+                        read_plugbus::<false>,
+                    )
+                } else {
+                    two_threads(
+                        &mut ptx,
+                        &mut prx,
+                        PAIRED_N,
+                        |t, n| push_plugbus_one(t, n, || {}),
+                        read_plugbus::<false>,
+                    )
+                })
+            };
+            let mut run_rtrb = || {
+                rate(if batched {
+                    two_threads(&mut rtx, &mut rrx, PAIRED_N, push_rtrb_batch, read_rtrb::<false>)
+                } else {
+                    two_threads(&mut rtx, &mut rrx, PAIRED_N, push_rtrb_one, pop_rtrb::<false>)
+                })
+            };
+            let (p, r) = if round % 2 == 0 {
+                let p = run_plugbus();
+                (p, run_rtrb())
+            } else {
+                let r = run_rtrb();
+                (run_plugbus(), r)
+            };
+            rates[mode][0].push(p);
+            rates[mode][1].push(r);
+        }
+    }
+    println!("paired runs: {rounds} rounds of {PAIRED_N} records per run, M records/s");
+    for (mode, name) in ["one", "batch64"].into_iter().enumerate() {
+        let [p, r] = &rates[mode];
+        let mut ratios: Vec<f64> = p.iter().zip(r).map(|(p, r)| p / r).collect();
+        ratios.sort_by(f64::total_cmp);
+        let at_least = ratios.iter().filter(|&&x| x >= 1.0).count();
+        println!(
+            "{name:>8}: plugbus {:.1}  rtrb {:.1}  ratio median {:.3}  quartiles {:.3} .. {:.3}  range {:.3} .. {:.3}  plugbus >= rtrb in {at_least} of {}",
+            median(p),
+            median(r),
+            quantile(&ratios, 0.5),
+            quantile(&ratios, 0.25),
+            quantile(&ratios, 0.75),
+            ratios[0],
+            ratios[ratios.len() - 1],
+            ratios.len()
+        );
+    }
+}
+
+/// The median of `v` (not empty).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    quantile(&s, 0.5)
+}
+
+/// The `q` quantile of sorted, non-empty `s` (nearest rank).
+fn quantile(s: &[f64], q: f64) -> f64 {
+    s[((s.len() - 1) as f64 * q).round() as usize]
+}
+
 fn main() {
     // Re-executed as the cross-process consumer: serve, and do not touch criterion.
     if let Ok(name) = std::env::var(CHILD_ENV) {
@@ -879,6 +997,11 @@ fn main() {
     }
     // Read the affinity mask before anything is pinned.
     cpus();
+    if let Ok(v) = std::env::var(PAIRED_ENV) {
+        let rounds = v.parse().ok().filter(|&r| r > 0);
+        paired(rounds.unwrap_or_else(|| panic!("{PAIRED_ENV} must be a number of rounds above 0, not {v:?}")));
+        return;
+    }
     // What criterion_main! would generate.
     benches();
     Criterion::default().configure_from_args().final_summary();

@@ -137,7 +137,9 @@ fn soak_samples_every_second_and_gates_on_its_limits() {
     }
     assert!(u(&s["rss_warmup_kib"]) > 0);
     assert!(u(&s["fds_max"]) >= u(&s["fds_min"]));
-    assert_eq!(u(&s["fds_end"]), u(&s["fds_warmup"]), "fds grew: {s}");
+    // No growth (the soak's own gate); one fewer at the end is fine: the warm-up sample may
+    // catch a descriptor that is open only for a moment (one CI run saw 14, then 13).
+    assert!(u(&s["fds_end"]) <= u(&s["fds_warmup"]), "fds grew: {s}");
     assert_eq!(u(&r["critical_lost"]), 0);
     assert_eq!(s["failures"].as_array().map(Vec::len), Some(0));
 

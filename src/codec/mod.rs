@@ -241,7 +241,25 @@ fn merge_nested_keep<T>(
     Ok(())
 }
 
-/// `ChatMutation.message`, merged into a kept string.
+/// Merges string field `field` of `m` into the string `slot` gives (taken from the spare),
+/// and any other field as prost merges it.
+#[inline]
+fn merge_string_keep<M: Message>(
+    m: &mut M,
+    field: u32,
+    slot: impl for<'m> FnOnce(&'m mut M, &mut StringSpare) -> &'m mut String,
+    (tag, wire_type): (u32, WireType),
+    buf: &mut &[u8],
+    spare: &mut StringSpare,
+) -> Result<(), DecodeError> {
+    if tag == field && wire_type == WireType::LengthDelimited {
+        prost::encoding::string::merge(wire_type, slot(m, spare), buf, DecodeContext::default())?;
+        return Ok(());
+    }
+    Ok(m.merge_field(tag, wire_type, buf, DecodeContext::default())?)
+}
+
+/// `ChatMutation.message` (optional), merged into a kept string.
 #[inline]
 fn merge_chat_mutation_keep(
     c: &mut proto::ChatMutation,
@@ -250,15 +268,17 @@ fn merge_chat_mutation_keep(
     buf: &mut &[u8],
     spare: &mut StringSpare,
 ) -> Result<(), DecodeError> {
-    if tag == CHAT_MUTATION_MESSAGE && wire_type == WireType::LengthDelimited {
-        let s = c.message.get_or_insert_with(|| spare.take());
-        prost::encoding::string::merge(wire_type, s, buf, DecodeContext::default())?;
-        return Ok(());
-    }
-    Ok(c.merge_field(tag, wire_type, buf, DecodeContext::default())?)
+    merge_string_keep(
+        c,
+        CHAT_MUTATION_MESSAGE,
+        |c, spare| c.message.get_or_insert_with(|| spare.take()),
+        (tag, wire_type),
+        buf,
+        spare,
+    )
 }
 
-/// `CommandEvent.args` items, merged into kept strings.
+/// `CommandEvent.args` items (repeated), each merged into a kept string.
 #[inline]
 fn merge_command_keep(
     c: &mut proto::CommandEvent,
@@ -267,13 +287,18 @@ fn merge_command_keep(
     buf: &mut &[u8],
     spare: &mut StringSpare,
 ) -> Result<(), DecodeError> {
-    if tag == COMMAND_EVENT_ARGS && wire_type == WireType::LengthDelimited {
-        let mut s = spare.take();
-        prost::encoding::string::merge(wire_type, &mut s, buf, DecodeContext::default())?;
-        c.args.push(s);
-        return Ok(());
-    }
-    Ok(c.merge_field(tag, wire_type, buf, DecodeContext::default())?)
+    merge_string_keep(
+        c,
+        COMMAND_EVENT_ARGS,
+        |c, spare| {
+            c.args.push(spare.take());
+            let last = c.args.len() - 1;
+            &mut c.args[last]
+        },
+        (tag, wire_type),
+        buf,
+        spare,
+    )
 }
 
 /// `ChatMutation.message` field number.

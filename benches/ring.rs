@@ -797,29 +797,49 @@ fn next_command(seg: &Segment, rx: &mut frame::Consumer) -> (u64, u64) {
 
 // ---- the group ----
 
-fn bench_ring(c: &mut Criterion) {
-    let (ptx, prx) = frame::channel(RegionRef::heap(frame::region_size(FRAME_BYTES))).expect("plugbus ring");
-    let (mut ptx, mut prx) = (CachePadded::new(ptx), CachePadded::new(prx));
-    let (rtx, rrx) = rtrb::RingBuffer::<MoveRecord>::new(CAP);
-    let (mut rtx, mut rrx) = (CachePadded::new(rtx), CachePadded::new(rrx));
+/// Both in-process pairs, each end on its own cache line.
+struct InProcess {
+    ptx: CachePadded<frame::Producer>,
+    prx: CachePadded<frame::Consumer>,
+    rtx: CachePadded<rtrb::Producer<MoveRecord>>,
+    rrx: CachePadded<rtrb::Consumer<MoveRecord>>,
+}
 
-    // Correctness first, untimed (this also faults in every page of both rings).
-    two_threads(
-        &mut ptx,
-        &mut prx,
-        VERIFY_N,
-        |t, n| push_plugbus_one(t, n, || {}),
-        read_plugbus::<true>,
-    );
-    two_threads(
-        &mut ptx,
-        &mut prx,
-        VERIFY_N,
-        |t, n| push_plugbus_batch(t, n, || {}),
-        read_plugbus::<true>,
-    );
-    two_threads(&mut rtx, &mut rrx, VERIFY_N, push_rtrb_one, pop_rtrb::<true>);
-    two_threads(&mut rtx, &mut rrx, VERIFY_N, push_rtrb_batch, read_rtrb::<true>);
+impl InProcess {
+    /// New rings, every pair checked first, untimed: `VERIFY_N` records with every field of
+    /// every record compared (this also faults in every page of both rings).
+    fn checked() -> Self {
+        let (ptx, prx) = frame::channel(RegionRef::heap(frame::region_size(FRAME_BYTES))).expect("plugbus ring");
+        let (rtx, rrx) = rtrb::RingBuffer::<MoveRecord>::new(CAP);
+        let mut r = Self {
+            ptx: CachePadded::new(ptx),
+            prx: CachePadded::new(prx),
+            rtx: CachePadded::new(rtx),
+            rrx: CachePadded::new(rrx),
+        };
+        let (ptx, prx, rtx, rrx) = (&mut r.ptx, &mut r.prx, &mut r.rtx, &mut r.rrx);
+        two_threads(
+            ptx,
+            prx,
+            VERIFY_N,
+            |t, n| push_plugbus_one(t, n, || {}),
+            read_plugbus::<true>,
+        );
+        two_threads(
+            ptx,
+            prx,
+            VERIFY_N,
+            |t, n| push_plugbus_batch(t, n, || {}),
+            read_plugbus::<true>,
+        );
+        two_threads(rtx, rrx, VERIFY_N, push_rtrb_one, pop_rtrb::<true>);
+        two_threads(rtx, rrx, VERIFY_N, push_rtrb_batch, read_rtrb::<true>);
+        r
+    }
+}
+
+fn bench_ring(c: &mut Criterion) {
+    let mut r = InProcess::checked();
 
     let mut g = c.benchmark_group("ring");
     g.throughput(Throughput::Elements(1))
@@ -831,8 +851,8 @@ fn bench_ring(c: &mut Criterion) {
     g.bench_function("plugbus/one", |b| {
         b.iter_custom(|n| {
             two_threads(
-                &mut ptx,
-                &mut prx,
+                &mut r.ptx,
+                &mut r.prx,
                 n,
                 |t, n| push_plugbus_one(t, n, || {}),
                 read_plugbus::<false>,
@@ -840,13 +860,13 @@ fn bench_ring(c: &mut Criterion) {
         })
     });
     g.bench_function("rtrb/one", |b| {
-        b.iter_custom(|n| two_threads(&mut rtx, &mut rrx, n, push_rtrb_one, pop_rtrb::<false>))
+        b.iter_custom(|n| two_threads(&mut r.rtx, &mut r.rrx, n, push_rtrb_one, pop_rtrb::<false>))
     });
     g.bench_function("plugbus/batch64", |b| {
         b.iter_custom(|n| {
             two_threads(
-                &mut ptx,
-                &mut prx,
+                &mut r.ptx,
+                &mut r.prx,
                 n,
                 |t, n| push_plugbus_batch(t, n, || {}),
                 read_plugbus::<false>,
@@ -854,7 +874,7 @@ fn bench_ring(c: &mut Criterion) {
         })
     });
     g.bench_function("rtrb/batch64", |b| {
-        b.iter_custom(|n| two_threads(&mut rtx, &mut rrx, n, push_rtrb_batch, read_rtrb::<false>))
+        b.iter_custom(|n| two_threads(&mut r.rtx, &mut r.rrx, n, push_rtrb_batch, read_rtrb::<false>))
     });
 
     // The child is spawned (and checked) on the first sample and serves every later one.
@@ -895,27 +915,7 @@ const PAIRED_N: u64 = 1 << 20;
 /// machine, runs gave ratios from 0.81 to 1.14 with nothing changed). Here the two runs of a
 /// round are tens of milliseconds apart, and the ratio is taken per round.
 fn paired(rounds: usize) {
-    let (ptx, prx) = frame::channel(RegionRef::heap(frame::region_size(FRAME_BYTES))).expect("plugbus ring");
-    let (mut ptx, mut prx) = (CachePadded::new(ptx), CachePadded::new(prx));
-    let (rtx, rrx) = rtrb::RingBuffer::<MoveRecord>::new(CAP);
-    let (mut rtx, mut rrx) = (CachePadded::new(rtx), CachePadded::new(rrx));
-    // Every pair checked in full, untimed, before the rounds (as the criterion group does).
-    two_threads(
-        &mut ptx,
-        &mut prx,
-        VERIFY_N,
-        |t, n| push_plugbus_one(t, n, || {}),
-        read_plugbus::<true>,
-    );
-    two_threads(
-        &mut ptx,
-        &mut prx,
-        VERIFY_N,
-        |t, n| push_plugbus_batch(t, n, || {}),
-        read_plugbus::<true>,
-    );
-    two_threads(&mut rtx, &mut rrx, VERIFY_N, push_rtrb_one, pop_rtrb::<true>);
-    two_threads(&mut rtx, &mut rrx, VERIFY_N, push_rtrb_batch, read_rtrb::<true>);
+    let mut r = InProcess::checked();
     let mut rates: [[Vec<f64>; 2]; 2] = Default::default();
     let rate = |d: Duration| PAIRED_N as f64 / d.as_secs_f64() / 1e6;
     for round in 0..rounds {
@@ -923,16 +923,16 @@ fn paired(rounds: usize) {
             let mut run_plugbus = || {
                 rate(if batched {
                     two_threads(
-                        &mut ptx,
-                        &mut prx,
+                        &mut r.ptx,
+                        &mut r.prx,
                         PAIRED_N,
                         |t, n| push_plugbus_batch(t, n, || {}),
                         read_plugbus::<false>,
                     )
                 } else {
                     two_threads(
-                        &mut ptx,
-                        &mut prx,
+                        &mut r.ptx,
+                        &mut r.prx,
                         PAIRED_N,
                         |t, n| push_plugbus_one(t, n, || {}),
                         read_plugbus::<false>,
@@ -941,9 +941,9 @@ fn paired(rounds: usize) {
             };
             let mut run_rtrb = || {
                 rate(if batched {
-                    two_threads(&mut rtx, &mut rrx, PAIRED_N, push_rtrb_batch, read_rtrb::<false>)
+                    two_threads(&mut r.rtx, &mut r.rrx, PAIRED_N, push_rtrb_batch, read_rtrb::<false>)
                 } else {
-                    two_threads(&mut rtx, &mut rrx, PAIRED_N, push_rtrb_one, pop_rtrb::<false>)
+                    two_threads(&mut r.rtx, &mut r.rrx, PAIRED_N, push_rtrb_one, pop_rtrb::<false>)
                 })
             };
             let (p, r) = if round % 2 == 0 {

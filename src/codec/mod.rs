@@ -242,7 +242,8 @@ fn merge_nested_keep<T>(
 }
 
 /// Merges string field `field` of `m` into the string `slot` gives (taken from the spare),
-/// and any other field as prost merges it.
+/// and any other field as prost merges it. `ChatMutation.message` (optional) and
+/// `CommandEvent.args` (repeated) are merged with it, each with its own `slot`.
 #[inline]
 fn merge_string_keep<M: Message>(
     m: &mut M,
@@ -257,48 +258,6 @@ fn merge_string_keep<M: Message>(
         return Ok(());
     }
     Ok(m.merge_field(tag, wire_type, buf, DecodeContext::default())?)
-}
-
-/// `ChatMutation.message` (optional), merged into a kept string.
-#[inline]
-fn merge_chat_mutation_keep(
-    c: &mut proto::ChatMutation,
-    tag: u32,
-    wire_type: WireType,
-    buf: &mut &[u8],
-    spare: &mut StringSpare,
-) -> Result<(), DecodeError> {
-    merge_string_keep(
-        c,
-        CHAT_MUTATION_MESSAGE,
-        |c, spare| c.message.get_or_insert_with(|| spare.take()),
-        (tag, wire_type),
-        buf,
-        spare,
-    )
-}
-
-/// `CommandEvent.args` items (repeated), each merged into a kept string.
-#[inline]
-fn merge_command_keep(
-    c: &mut proto::CommandEvent,
-    tag: u32,
-    wire_type: WireType,
-    buf: &mut &[u8],
-    spare: &mut StringSpare,
-) -> Result<(), DecodeError> {
-    merge_string_keep(
-        c,
-        COMMAND_EVENT_ARGS,
-        |c, spare| {
-            c.args.push(spare.take());
-            let last = c.args.len() - 1;
-            &mut c.args[last]
-        },
-        (tag, wire_type),
-        buf,
-        spare,
-    )
 }
 
 /// `ChatMutation.message` field number.
@@ -373,7 +332,20 @@ reusable!(EventEnvelope, payload, |this| {
         buf: &mut &[u8],
         spare: &mut StringSpare,
     ) -> Result<(), DecodeError> {
-        merge_variant_keep!(self, tag, wire_type, buf, spare, EVENT_ENVELOPE_COMMAND, payload, proto::event_envelope::Payload::Command, merge_command_keep)
+        merge_variant_keep!(self, tag, wire_type, buf, spare, EVENT_ENVELOPE_COMMAND, payload, proto::event_envelope::Payload::Command, |c: &mut proto::CommandEvent, t, w, b, spare| {
+            merge_string_keep(
+                c,
+                COMMAND_EVENT_ARGS,
+                |c, spare| {
+                    c.args.push(spare.take());
+                    let last = c.args.len() - 1;
+                    &mut c.args[last]
+                },
+                (t, w),
+                b,
+                spare,
+            )
+        })
     }
 );
 reusable!(HostToPlugin, payload, |this| {
@@ -415,7 +387,16 @@ reusable!(proto::EventResult, update, |this| {
         buf: &mut &[u8],
         spare: &mut StringSpare,
     ) -> Result<(), DecodeError> {
-        merge_variant_keep!(self, tag, wire_type, buf, spare, EVENT_RESULT_CHAT, update, proto::event_result::Update::Chat, merge_chat_mutation_keep)
+        merge_variant_keep!(self, tag, wire_type, buf, spare, EVENT_RESULT_CHAT, update, proto::event_result::Update::Chat, |c: &mut proto::ChatMutation, t, w, b, spare| {
+            merge_string_keep(
+                c,
+                CHAT_MUTATION_MESSAGE,
+                |c, spare| c.message.get_or_insert_with(|| spare.take()),
+                (t, w),
+                b,
+                spare,
+            )
+        })
     }
 );
 reusable!(proto::Action, kind, |this| {

@@ -142,7 +142,7 @@ struct HostState {
     /// Reused for the typed helpers, one per helper (join, quit, chat, command), so that each
     /// keeps its payload's strings from one event to the next.
     typed: [EventEnvelope; 4],
-    /// Command arguments beyond the last command's count, kept for a longer command.
+    /// The last command's arguments, kept for the next command's.
     spare_args: crate::codec::StringSpare,
 }
 
@@ -566,22 +566,12 @@ pub unsafe extern "C" fn plugbus_host_dispatch_command(
             set(&mut ev.raw, raw);
             let mut words = raw.strip_prefix('/').unwrap_or(raw).split_whitespace();
             set(&mut ev.command, words.next().unwrap_or_default());
-            // The arguments reuse the strings of earlier commands: the last one's, then those
-            // kept from longer ones.
-            let mut n = 0;
+            // The arguments reuse the strings of earlier commands (see `codec::StringSpare`).
+            s.spare_args.give_all(&mut ev.args);
             for w in words {
-                match ev.args.get_mut(n) {
-                    Some(a) => set(a, w),
-                    None => {
-                        let mut a = s.spare_args.take();
-                        a.push_str(w);
-                        ev.args.push(a);
-                    }
-                }
-                n += 1;
-            }
-            for extra in ev.args.drain(n..) {
-                s.spare_args.give(extra);
+                let mut a = s.spare_args.take();
+                a.push_str(w);
+                ev.args.push(a);
             }
             route(s, COMMAND, Some(pending))
         })
